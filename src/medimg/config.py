@@ -1,0 +1,262 @@
+"""params.yaml as a typed, frozen tree.
+
+Every knob of the pipeline lives in params.yaml; this module is the only place that reads it.
+Models are frozen and `extra="forbid"` so a typo (`split.fraction`) fails at load, with the
+dotted key in a one-line `ConfigError` (exit code 2), before any stage touches data.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medimg.errors import ConfigError
+
+NIH_PATIENT_REGEX = r"^(C\d+)P\d+"
+OCT_PATIENT_REGEX = r"^[A-Z]+-(\d+)-\d+"
+NIH_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
+NIH_SHA256 = "0a949556b2414159b5100192609805376654c4266d8d187be9b1922fad43c668"
+NIH_SIZE = 353_452_851
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(Frozen):
+    """Size and difficulty of the offline NIH-like generator."""
+
+    patients: PosInt = 48
+    cells_per_patient: tuple[PosInt, PosInt] = (20, 40)
+    healthy_patient_fraction: Fraction = 0.25
+    infected_cell_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
+    size_range: tuple[PosInt, PosInt] = (96, 150)
+    confuser_fraction: Fraction = 0.3
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SyntheticConfig:
+        for name in ("cells_per_patient", "size_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: low {lo} is above high {hi}")
+        return self
+
+
+class ArchiveLimits(Frozen):
+    """Bounds that keep a hostile or broken archive from filling disk or memory."""
+
+    max_total_bytes: PosInt = 4_000_000_000
+    max_entries: PosInt = 500_000
+    max_image_pixels: PosInt = 4_000_000
+
+
+class DatasetConfig(Frozen):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")] = "malaria"
+    source: Literal["synthetic", "url", "local"] = "synthetic"
+    path: str | None = None
+    url: str = NIH_URL
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = NIH_SHA256
+    size_bytes: PosInt = NIH_SIZE
+    retries: Annotated[int, Field(ge=0, le=20)] = 5
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    synthetic: SyntheticConfig = SyntheticConfig()
+    limits: ArchiveLimits = ArchiveLimits()
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> DatasetConfig:
+        if self.source == "local" and not self.path:
+            raise ValueError("source 'local' needs dataset.path")
+        return self
+
+
+class ValidateConfig(Frozen):
+    """Expectations on the manifest; see medimg.validation for the policy."""
+
+    classes: list[str] = ["Parasitized", "Uninfected"]
+    min_per_class: PosInt = 20
+    width: tuple[PosInt, PosInt] = (16, 1024)
+    height: tuple[PosInt, PosInt] = (16, 1024)
+    modes: list[str] = ["RGB"]
+    formats: list[str] = ["PNG"]
+    patient_regex: str | None = None
+    max_corrupt_fraction: Fraction = 0.001
+    max_class_imbalance: Annotated[float, Field(ge=1.0)] = 1.5
+    junk_names: list[str] = ["Thumbs.db", ".DS_Store", "desktop.ini"]
+    workers: Annotated[int, Field(ge=0)] = 0
+
+    def patient_pattern(self, dataset: str) -> str:
+        """NIH names by default, OCT2017's `CLASS-PATIENT-N` for an `oct*` dataset."""
+        if self.patient_regex:
+            return self.patient_regex
+        return OCT_PATIENT_REGEX if dataset.startswith("oct") else NIH_PATIENT_REGEX
+
+
+class SplitFractions(Frozen):
+    train: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+    val: Fraction = 0.1
+    test: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class SplitConfig(Frozen):
+    strategy: Literal["patient", "image", "predefined"] = "patient"
+    fractions: SplitFractions = SplitFractions()
+    shards: Annotated[int, Field(ge=1, le=1024)] = 2
+    predefined_folders: dict[str, str] = {"train": "train", "val": "val", "test": "test"}
+
+
+class AugmentConfig(Frozen):
+    """The seeds' ImageDataGenerator settings, as Keras preprocessing layers."""
+
+    rotation_deg: Annotated[float, Field(ge=0, le=180)] = 20.0
+    zoom: Fraction = 0.05
+    shift: Fraction = 0.05
+    shear: Fraction = 0.05
+    horizontal_flip: bool = True
+    vertical_flip: bool = True
+
+
+class TrainOverride(Frozen):
+    """Per-architecture values that win over `train:` and the model's own recipe."""
+
+    epochs: PosInt | None = None
+    batch_size: PosInt | None = None
+    image_size: PosInt | None = None
+    optimizer: Literal["adam", "sgd", "rmsprop"] | None = None
+    learning_rate: Annotated[float, Field(gt=0)] | None = None
+    schedule: Literal["constant", "poly", "plateau"] | None = None
+    weights: str | None = None
+    model: dict[str, Any] = {}
+
+
+class TrainConfig(Frozen):
+    architectures: Annotated[list[str], Field(min_length=1)] = ["compact_cnn", "simple_cnn"]
+    epochs: PosInt = 8
+    batch_size: PosInt = 32
+    image_size: PosInt | None = None
+    optimizer: Literal["adam", "sgd", "rmsprop"] | None = None
+    learning_rate: Annotated[float, Field(gt=0)] | None = None
+    schedule: Literal["constant", "poly", "plateau"] | None = None
+    weights: str = "none"
+    monitor: Literal["val_accuracy", "val_loss", "val_auc"] = "val_accuracy"
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 4
+    class_weights: bool = False
+    augment: AugmentConfig = AugmentConfig()
+    shuffle_buffer: PosInt = 2048
+    cache: bool = True
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    xla: bool = False
+    overrides: dict[str, TrainOverride] = {}
+
+
+class EvaluateConfig(Frozen):
+    target_sensitivity: Annotated[float, Field(gt=0, le=1)] = 0.95
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
+    ci: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    calibration_bins: Annotated[int, Field(ge=2, le=100)] = 10
+    gradcam_examples: Annotated[int, Field(ge=0, le=64)] = 8
+    tflite_int8: bool = True
+    representative_samples: PosInt = 100
+    benchmark_images: PosInt = 200
+
+
+class RegisterConfig(Frozen):
+    metric: str = "accuracy"
+    model_name: str | None = None
+
+    def registered_name(self, dataset: str) -> str:
+        return self.model_name or f"{dataset}-classifier"
+
+
+class GateConfig(Frozen):
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.8
+    min_sensitivity: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_specificity: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_regression: Annotated[float, Field(ge=0, le=1)] = 0.01
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+
+
+class PathsConfig(Frozen):
+    """Where each stage writes; dvc.yaml templates these, code reads them from here."""
+
+    raw: str = "data/raw"
+    validated: str = "data/validated"
+    split: str = "data/split"
+    models: str = "models"
+    reports: str = "reports"
+    gx: str = "gx"
+    mlruns: str = "mlruns"
+
+
+class MlflowConfig(Frozen):
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str | None = None
+
+    def experiment_name(self, dataset: str) -> str:
+        return self.experiment or f"medimg-{dataset}"
+
+
+class Params(Frozen):
+    seed: Annotated[int, Field(ge=0)] = 42
+    dataset: DatasetConfig = DatasetConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
+    gate: GateConfig = GateConfig()
+    paths: PathsConfig = PathsConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validate_cfg(self) -> ValidateConfig:
+        return self.validate_
+
+
+def _first_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    loc = loc.replace("validate_", "validate")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(err.errors()) - 1
+    tail = f" (+{more} more)" if more else ""
+    return f"{source}: {loc}: {msg}{tail}"
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; any problem becomes a one-line ConfigError."""
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_first_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return parse_params(data, source=str(path))
