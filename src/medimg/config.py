@@ -200,6 +200,31 @@ class PathsConfig(Frozen):
     gx: str = "gx"
     mlruns: str = "mlruns"
 
+    @property
+    def raw_archive(self) -> Path:
+        """The one file the download stage leaves: every source is normalised to a zip."""
+        return Path(self.raw) / "images.zip"
+
+    @property
+    def manifest(self) -> Path:
+        return Path(self.validated) / "manifest.parquet"
+
+    @property
+    def validation_report(self) -> Path:
+        return Path(self.reports) / "validation.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return Path(self.reports) / "data_docs"
+
+    @property
+    def split_manifest(self) -> Path:
+        return Path(self.split) / "split.parquet"
+
+    @property
+    def classes_json(self) -> Path:
+        return Path(self.split) / "classes.json"
+
 
 class MlflowConfig(Frozen):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
