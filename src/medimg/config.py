@@ -242,7 +242,7 @@ class Params(Frozen):
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    register: RegisterConfig = RegisterConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     gate: GateConfig = GateConfig()
     paths: PathsConfig = PathsConfig()
     mlflow: MlflowConfig = MlflowConfig()
@@ -251,13 +251,18 @@ class Params(Frozen):
 
     @property
     def validate_cfg(self) -> ValidateConfig:
+        """`validate` and `register` clash with BaseModel attributes, hence the aliases."""
         return self.validate_
+
+    @property
+    def register_cfg(self) -> RegisterConfig:
+        return self.register_
 
 
 def _first_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    loc = loc.replace("validate_", "validate")
+    loc = loc.replace("validate_", "validate").replace("register_", "register")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
