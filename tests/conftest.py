@@ -76,3 +76,78 @@ def zip_tree(root: Path, dest: Path) -> Path:
 def nih_zip(tmp_path: Path) -> Path:
     """A small valid NIH-layout zip: 2 classes x 12 images, 6 patients."""
     return zip_tree(make_nih_tree(tmp_path / "src"), tmp_path / "cell_images.zip")
+
+
+def tiny_params(tmp_path: Path, **sections) -> "Params":  # noqa: F821
+    """Params whose every path and the MLflow store live in tmp_path."""
+    from medimg.config import parse_params
+
+    base = {
+        "paths": {
+            k: str(tmp_path / v)
+            for k, v in {
+                "raw": "data/raw",
+                "validated": "data/validated",
+                "split": "data/split",
+                "models": "models",
+                "reports": "reports",
+                "gx": "gx",
+                "mlruns": "mlruns",
+            }.items()
+        },
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+            "artifact_root": str(tmp_path / "mlruns" / "artifacts"),
+        },
+        "train": {"architectures": ["tiny"], "epochs": 1, "batch_size": 8},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return parse_params(base)
+
+
+def planted_image(label: int, rng: np.random.Generator, size: int = 32) -> bytes:
+    """Dark noise; label 1 adds a bright square, so even a tiny model can learn it."""
+    arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    if label:
+        y, x = rng.integers(2, size - 10, 2)
+        arr[y : y + 8, x : x + 8] = 230
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_split_dir(params, per_split=(48, 16, 16), classes=("Uninfected", "Parasitized")) -> dict:
+    """Shards + split.parquet + classes.json as the split stage leaves them, for train tests."""
+    import pandas as pd
+
+    from medimg.data import write_shards
+    from medimg.io import write_json
+    from medimg.splitting import fingerprint, summarise
+
+    rng = np.random.default_rng(0)
+    rows, images = [], {}
+    for split, n in zip(("train", "val", "test"), per_split, strict=True):
+        for i in range(n):
+            label = i % len(classes)
+            path = f"cell_images/{classes[label]}/C{i % 7}P1thinF_{split}_{i}.png"
+            images[path] = planted_image(label, rng)
+            patient = f"{split}{i % 7}"
+            rows.append({"path": path, "label": label, "class": classes[label],
+                         "patient": patient, "split": split, "sha256": path})
+    frame = pd.DataFrame(rows)
+    out = params.paths.split_manifest.parent
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(params.paths.split_manifest)
+    write_shards(frame, images, out, 2, 0)
+    summary = summarise(frame, list(classes), fingerprint(frame))
+    write_json(params.paths.classes_json, summary)
+    return summary
+
+
+@pytest.fixture
+def split_params(tmp_path: Path):
+    """Params with a ready split (80 planted 32-px images) for the train/evaluate tests."""
+    params = tiny_params(tmp_path)
+    write_split_dir(params)
+    return params

@@ -3,7 +3,8 @@
 A dataset archive comes from outside: an entry named `../../etc/x`, an absolute path, a
 link or a device must never be followed or extracted, and a decompression bomb must be
 stopped from its headers, before its bytes are read. Every reader in medimg goes through
-`iter_members`, so these rules hold for the synthetic, downloaded and local sources alike.
+`iter_members` (or `scan` for the headers alone), so these rules hold for the synthetic,
+downloaded and local sources alike.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,6 +21,13 @@ from medimg.config import ArchiveLimits
 from medimg.errors import DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+# What a truncated or corrupt compressed stream raises while its bytes are read.
+_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError)
+
+
+def _why(err: BaseException) -> str:
+    """An error's text on one line: tarfile lists every compression it tried, one per line."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,8 @@ def safe_name(name: str, archive: Path) -> str:
         raise DataError(f"{archive}: unsafe entry {name!r}: absolute path")
     if ".." in pure.parts:
         raise DataError(f"{archive}: unsafe entry {name!r}: '..' in path")
-    return str(pure).lstrip("./") if str(pure) != "." else ""
+    # PurePosixPath already drops `./` parts; stripping characters would eat `.DS_Store`'s dot.
+    return "" if str(pure) == "." else str(pure)
 
 
 class _Budget:
@@ -59,13 +69,19 @@ class _Budget:
         self.archive, self.limits = archive, limits
         self.entries = 0
         self.total = 0
+        self.names: set[str] = set()
 
-    def take(self, name: str, size: int) -> None:
+    def take(self, name: str, size: int) -> Member:
+        """Account for one regular file; two entries with one name would make readers disagree."""
+        clean = safe_name(name, self.archive)
+        if clean in self.names:
+            raise DataError(f"{self.archive}: duplicate entry {name!r}")
+        self.names.add(clean)
         self.entries += 1
         self.total += size
         if self.entries > self.limits.max_entries:
             raise DataError(
-                f"{self.archive}: more than {self.limits.max_entries} entries "
+                f"{self.archive}: more than {self.limits.max_entries} entries at {name!r} "
                 "(dataset.limits.max_entries)"
             )
         if self.total > self.limits.max_total_bytes:
@@ -73,80 +89,127 @@ class _Budget:
                 f"{self.archive}: uncompressed size passes {self.limits.max_total_bytes} bytes "
                 f"at {name!r} (dataset.limits.max_total_bytes)"
             )
+        return Member(clean, size)
 
 
-def _zip_members(path: Path, budget: _Budget) -> Iterator[tuple[Member, bytes]]:
+def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
-        zf = zipfile.ZipFile(path)
+        return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{path}: not a readable zip ({err})") from None
-    with zf:
-        infos = zf.infolist()
-        for info in infos:  # check every header before reading any bytes
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise DataError(f"{path}: unsafe entry {info.filename!r}: symbolic link")
-            safe_name(info.filename, path)
-            if not info.is_dir():
-                budget.take(info.filename, info.file_size)
-        for info in infos:
-            if info.is_dir():
+        raise DataError(f"{path}: not a readable zip ({_why(err)})") from None
+
+
+def _zip_headers(
+    zf: zipfile.ZipFile, path: Path, budget: _Budget
+) -> list[tuple[Member, zipfile.ZipInfo]]:
+    files = []
+    for info in zf.infolist():
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise DataError(f"{path}: unsafe entry {info.filename!r}: symbolic link")
+        if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise DataError(f"{path}: unsafe entry {info.filename!r}: not a regular file")
+        safe_name(info.filename, path)
+        if not info.is_dir():
+            files.append((budget.take(info.filename, info.file_size), info))
+    return files
+
+
+def _zip_members(path: Path, budget: _Budget, read: bool) -> Iterator[tuple[Member, bytes]]:
+    with _open_zip(path) as zf:
+        files = _zip_headers(zf, path, budget)  # every header before any bytes
+        for member, info in files:
+            if not read:
+                yield member, b""
                 continue
-            data = zf.read(info)
-            if len(data) != info.file_size:
+            try:
+                data = zf.read(info)
+            except (*_READ_ERRORS, NotImplementedError) as err:
+                why = _why(err)
+                raise DataError(f"{path}: entry {info.filename!r} unreadable ({why})") from None
+            if len(data) != member.size:
                 raise DataError(f"{path}: entry {info.filename!r} size differs from its header")
-            yield Member(safe_name(info.filename, path), info.file_size), data
+            yield member, data
 
 
-def _tar_members(path: Path, budget: _Budget) -> Iterator[tuple[Member, bytes]]:
+def _tar_headers(
+    tf: tarfile.TarFile, path: Path, budget: _Budget
+) -> list[tuple[Member, tarfile.TarInfo]]:
+    files = []
+    for m in tf.getmembers():
+        if m.issym() or m.islnk():
+            raise DataError(f"{path}: unsafe entry {m.name!r}: link")
+        if not (m.isfile() or m.isdir()):
+            raise DataError(f"{path}: unsafe entry {m.name!r}: not a regular file")
+        safe_name(m.name, path)
+        if m.isfile():
+            files.append((budget.take(m.name, m.size), m))
+    return files
+
+
+def _open_tar(path: Path) -> tarfile.TarFile:
     try:
-        tf = tarfile.open(path, "r:*")
-        members = tf.getmembers()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DataError(f"{path}: not a readable tar archive ({err})") from None
-    with tf:
-        for m in members:
-            if m.issym() or m.islnk():
-                raise DataError(f"{path}: unsafe entry {m.name!r}: link")
-            if not (m.isfile() or m.isdir()):
-                raise DataError(f"{path}: unsafe entry {m.name!r}: not a regular file")
-            safe_name(m.name, path)
-            if m.isfile():
-                budget.take(m.name, m.size)
-        for m in members:
-            if not m.isfile():
+        return tarfile.open(path, "r:*")
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: not a readable tar archive ({_why(err)})") from None
+
+
+def _tar_members(path: Path, budget: _Budget, read: bool) -> Iterator[tuple[Member, bytes]]:
+    with _open_tar(path) as tf:
+        try:
+            files = _tar_headers(tf, path, budget)
+        except _READ_ERRORS as err:
+            raise DataError(f"{path}: not a readable tar archive ({_why(err)})") from None
+        for member, info in files:
+            if not read:
+                yield member, b""
                 continue
-            fh = tf.extractfile(m)
-            data = fh.read() if fh else b""
-            yield Member(safe_name(m.name, path), m.size), data
+            try:  # by TarInfo, not by name: a name lookup scans every member
+                fh = tf.extractfile(info)
+                data = fh.read() if fh else b""
+            except _READ_ERRORS as err:
+                raise DataError(f"{path}: entry {info.name!r} unreadable ({_why(err)})") from None
+            yield member, data
 
 
-def _dir_members(path: Path, budget: _Budget) -> Iterator[tuple[Member, bytes]]:
+def _dir_members(path: Path, budget: _Budget, read: bool) -> Iterator[tuple[Member, bytes]]:
     files = []
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
         if p.is_symlink():
             raise DataError(f"{path}: unsafe entry {rel!r}: symbolic link")
         if p.is_file():
-            size = p.stat().st_size
-            budget.take(rel, size)
-            files.append((rel, p, size))
-    for rel, p, size in files:
-        yield Member(rel, size), p.read_bytes()
+            files.append((budget.take(rel, p.stat().st_size), p))
+    for member, p in files:
+        yield member, (p.read_bytes() if read else b"")
 
 
-def iter_members(path: str | Path, limits: ArchiveLimits) -> Iterator[tuple[Member, bytes]]:
-    """Yield (member, bytes) for each regular file, in archive order.
-
-    All headers are checked first (unsafe names, links, entry count, total size), so a bad
-    archive fails before a single image is decoded or written anywhere.
-    """
+def _members(
+    path: str | Path, limits: ArchiveLimits, kind: str | None, read: bool
+) -> Iterator[tuple[Member, bytes]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     readers = {"zip": _zip_members, "tar": _tar_members, "dir": _dir_members}
-    yield from readers[archive_kind(path)](path, _Budget(path, limits))
+    yield from readers[kind or archive_kind(path)](path, _Budget(path, limits), read)
+
+
+def iter_members(
+    path: str | Path, limits: ArchiveLimits, kind: str | None = None
+) -> Iterator[tuple[Member, bytes]]:
+    """Yield (member, bytes) for each regular file, in archive order.
+
+    All headers are checked first (unsafe names, links, duplicates, entry count, total size),
+    so a bad archive fails before a single image is decoded or written anywhere. `kind`
+    ('zip' or 'tar') is for files whose name does not say, such as a download's `.part`.
+    """
+    yield from _members(path, limits, kind, read=True)
+
+
+def scan(path: str | Path, limits: ArchiveLimits, kind: str | None = None) -> list[Member]:
+    """The same header checks as `iter_members`, without reading or decompressing any bytes."""
+    return [m for m, _ in _members(path, limits, kind, read=False)]
 
 
 def list_members(path: str | Path, limits: ArchiveLimits) -> list[Member]:
-    return [m for m, _ in iter_members(path, limits)]
+    return scan(path, limits)

@@ -38,7 +38,9 @@ def stage_main(run: Callable[..., Any], argv: Sequence[str] | None = None) -> No
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="medimg", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
     args = parser.parse_args(argv)

@@ -79,7 +79,9 @@ class DatasetConfig(Frozen):
 class ValidateConfig(Frozen):
     """Expectations on the manifest; see medimg.validation for the policy."""
 
-    classes: list[str] = ["Parasitized", "Uninfected"]
+    # Order is the label order: index i = classes[i]. With two classes the second is the
+    # positive class (the sigmoid unit predicts it; sensitivity is measured on it).
+    classes: Annotated[list[str], Field(min_length=2)] = ["Uninfected", "Parasitized"]
     min_per_class: PosInt = 20
     width: tuple[PosInt, PosInt] = (16, 1024)
     height: tuple[PosInt, PosInt] = (16, 1024)
@@ -224,6 +226,23 @@ class PathsConfig(Frozen):
     @property
     def classes_json(self) -> Path:
         return Path(self.split) / "classes.json"
+
+    def model_file(self, arch: str) -> Path:
+        return Path(self.models) / arch / "model.keras"
+
+    def train_run(self, arch: str) -> Path:
+        """MLflow run id and model URI of `arch`: evaluate and register log into that run."""
+        return Path(self.models) / arch / "run.json"
+
+    def backup_dir(self, arch: str) -> Path:
+        """BackupAndRestore state; outside every DVC output so a killed run can resume."""
+        return Path(self.models) / ".backup" / arch
+
+    def train_reports(self, arch: str) -> Path:
+        return Path(self.reports) / "train" / arch
+
+    def eval_reports(self, arch: str) -> Path:
+        return Path(self.reports) / "eval" / arch
 
 
 class MlflowConfig(Frozen):

@@ -18,13 +18,17 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces `dest`, on error it is removed."""
+def atomic_path(dest: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `dest`, on error it is removed.
+
+    `suffix` is for writers that insist on an extension (Keras wants `.keras`).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~_umask())  # mkstemp's 0600 would make outputs private
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
@@ -48,6 +52,12 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(dest: str | Path, data: bytes) -> None:

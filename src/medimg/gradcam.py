@@ -1,0 +1,279 @@
+"""Grad-CAM heatmaps (Selvaraju et al. 2017), as used by seed 004 for misclassified images.
+
+A heatmap shows which region of the cell drove the prediction: a model that is right for the
+wrong reason (staining artefacts, the slide border) shows it here long before it fails on a new
+microscope. Keras and the backends are imported inside the functions so `overlay` (used by the
+report plots) costs no TensorFlow import.
+
+How the gradient is taken: the model is re-wired once into a graph that takes the images and a
+zero tensor `delta` of shape (N, 1, 1, C) which is added, broadcast, to the chosen 4-D feature
+map A. d score / d delta[n, 0, 0, c] is the sum over positions of d score / d A[n, :, :, c],
+i.e. the Grad-CAM channel weight up to a constant factor that the final max-normalisation
+removes. That turns "gradient with respect to an intermediate activation" into a gradient with
+respect to a model input, which every backend can take (`tf.GradientTape`, `jax.grad`,
+`torch.autograd`), and it works the same for layers inside nested models (an application base
+inside a wrapper), which a plain `keras.Model(model.inputs, inner_layer.output)` cannot reach.
+
+Which score is differentiated: for a softmax output the probability of the class; for a single
+sigmoid unit p for class 1 and 1 - p for class 0 (so class 0 highlights what lowers p). With
+`class_index=None` the predicted class is used per image (argmax, or p >= 0.5). A probability
+and its log give the same map after normalisation (they differ by a positive per-image
+factor); for a single sigmoid unit that map equals the one from the logit and its sign.
+Models are assumed channels-last with a single image input and a single output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+
+
+# ------------------------------------------------------------------------------ layer selection
+
+
+def _output_rank(layer: Any) -> int:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):  # never called, or called more than once
+        return 0
+
+
+def _last_4d_path(model: Any) -> list[str]:
+    """Names leading to the last layer with a 4-D output, descending into nested models.
+
+    A nested model whose own output is 4-D (an application base with `pooling=None`) is itself
+    the answer: its output is its last feature map.
+    """
+    import keras
+
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if _output_rank(layer) == 4:
+            return [layer.name]
+        if isinstance(layer, keras.Model):
+            inner = _last_4d_path(layer)
+            if inner:
+                return [layer.name, *inner]
+    return []
+
+
+def _find_path(model: Any, name: str) -> list[str]:
+    """Path to the layer called `name` in `model` or any model nested in it ([] if none)."""
+    import keras
+
+    for layer in model.layers:
+        if layer.name == name:
+            return [name]
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            inner = _find_path(layer, name)
+            if inner:
+                return [layer.name, *inner]
+    return []
+
+
+def _resolve_path(model: Any, layer_name: str | None) -> list[str]:
+    if layer_name is None:
+        path = _last_4d_path(model)
+        if not path:
+            raise ValueError(f"model {model.name!r} has no layer with a 4-D output")
+        return path
+    path = layer_name.split("/") if "/" in layer_name else _find_path(model, layer_name)
+    if not path:
+        raise ValueError(f"no layer {layer_name!r} in model {model.name!r} or its sub-models")
+    return path
+
+
+def last_conv_layer(model: keras.Model) -> str:
+    """The layer `grad_cam` picks by default, as a `/`-joined path through nested models."""
+    return "/".join(_resolve_path(model, None))
+
+
+def _layer_at(model: Any, path: list[str]) -> Any:
+    layer = model
+    for name in path:
+        layer = layer.get_layer(name)
+    return layer
+
+
+# --------------------------------------------------------------------------------- re-wiring
+
+
+def _rewire(model: Any, path: list[str], x: Any, delta: Any, found: dict[str, Any]) -> Any:
+    """Replay `model` symbolically on `x`, adding `delta` to the output of the layer at `path`.
+
+    The feature map before the addition is stored in `found["features"]`; the model's output
+    is returned. Nested models on the path are replayed the same way, so the result is one
+    flat graph from the outer inputs.
+    """
+    import keras
+
+    def intercept(op: Any) -> Callable[..., Any]:
+        if getattr(op, "name", None) != path[0]:
+            return op
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if len(path) == 1:
+                features = op(*args, **kwargs)
+                found["features"] = features
+                return keras.ops.add(features, delta)
+            return _rewire(op, path[1:], args[0], delta, found)
+
+        return call
+
+    if isinstance(model, keras.Sequential):
+        for layer in model.layers:
+            x = intercept(layer)(x)
+        return x
+    # Functional._run_through_graph is what keras.models.clone_model replays a graph with.
+    return model._run_through_graph(x, operation_fn=intercept)
+
+
+def _gradcam_model(model: Any, path: list[str]) -> Any:
+    """keras.Model([images, delta]) -> [feature map, output]; see the module docstring."""
+    import keras
+
+    if len(model.inputs) != 1:
+        raise ValueError("grad_cam supports single-input models")
+    target = _layer_at(model, path).output
+    images = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    delta = keras.Input(shape=(1, 1, target.shape[-1]), dtype=target.dtype)
+    found: dict[str, Any] = {}
+    out = _rewire(model, path, images, delta, found)
+    if isinstance(out, list | tuple):
+        out = out[0]
+    if "features" not in found:
+        raise ValueError(f"layer {'/'.join(path)!r} is not on the path from input to output")
+    return keras.Model([images, delta], [found["features"], out])
+
+
+# ----------------------------------------------------------------------------------- gradients
+
+
+def _class_score(out: Any, class_index: int | None) -> Any:
+    """Per-image score to differentiate (see the module docstring), summed over the batch.
+
+    Images are independent (inference mode), so the gradient of the sum is each image's own.
+    """
+    from keras import ops
+
+    p = ops.cast(out, "float32")
+    if p.shape[-1] == 1:
+        p1 = p[:, 0]
+        if class_index is None:
+            return ops.sum(ops.where(p1 >= 0.5, p1, 1.0 - p1))
+        return ops.sum(p1 if class_index == 1 else 1.0 - p1)
+    if class_index is None:
+        return ops.sum(ops.max(p, axis=-1))
+    return ops.sum(p[:, class_index])
+
+
+def _weights_tensorflow(gmodel: Any, images: np.ndarray, delta: np.ndarray, ci: int | None):
+    import tensorflow as tf
+
+    x, d = tf.convert_to_tensor(images), tf.convert_to_tensor(delta)
+    with tf.GradientTape() as tape:
+        tape.watch(d)
+        features, out = gmodel([x, d], training=False)
+        score = _class_score(out, ci)
+    return features.numpy(), tape.gradient(score, d).numpy()
+
+
+def _weights_jax(gmodel: Any, images: np.ndarray, delta: np.ndarray, ci: int | None):
+    import jax
+
+    trainable = [v.value for v in gmodel.trainable_variables]
+    frozen = [v.value for v in gmodel.non_trainable_variables]
+
+    def score(d: Any) -> tuple[Any, Any]:
+        (features, out), _ = gmodel.stateless_call(trainable, frozen, [images, d], training=False)
+        return _class_score(out, ci), features
+
+    grads, features = jax.grad(score, has_aux=True)(jax.numpy.asarray(delta))
+    return np.asarray(features), np.asarray(grads)
+
+
+def _weights_torch(gmodel: Any, images: np.ndarray, delta: np.ndarray, ci: int | None):
+    import keras
+    import torch
+
+    d = keras.ops.convert_to_tensor(delta)
+    d.requires_grad_(True)
+    features, out = gmodel([keras.ops.convert_to_tensor(images), d], training=False)
+    (grads,) = torch.autograd.grad(_class_score(out, ci), d)
+    return keras.ops.convert_to_numpy(features.detach()), grads.detach().cpu().numpy()
+
+
+_BACKENDS = {"tensorflow": _weights_tensorflow, "jax": _weights_jax, "torch": _weights_torch}
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def grad_cam(
+    model: keras.Model,
+    images: np.ndarray,
+    class_index: int | None = None,
+    layer_name: str | None = None,
+) -> np.ndarray:
+    """Grad-CAM heatmaps, shape (N, H, W) in [0, 1], at the input images' size.
+
+    `layer_name=None` uses `last_conv_layer(model)`; a name is searched in nested models too,
+    or can be given as a `base/conv5_block3_out` path. An image whose map is all zero (no
+    positive evidence, or a saturated output with zero gradient) gets an all-zero heatmap.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend not in _BACKENDS:
+        raise NotImplementedError(f"grad_cam has no gradient for the {backend!r} backend")
+    x = np.asarray(images, dtype="float32")
+    if x.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, C), got shape {x.shape}")
+    path = _resolve_path(model, layer_name)
+    gmodel = _gradcam_model(model, path)
+    spec = gmodel.inputs[1]
+    delta = np.zeros((x.shape[0], 1, 1, spec.shape[-1]), dtype=spec.dtype)
+    features, grads = _BACKENDS[backend](gmodel, x, delta, class_index)
+    weights = grads[:, 0, 0, :].astype("float32")
+    cam = np.maximum(np.einsum("nhwc,nc->nhw", features.astype("float32"), weights), 0.0)
+    return _to_image_size(cam, x.shape[1:3])
+
+
+def _to_image_size(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling, then each map scaled so its maximum is 1."""
+    from keras import ops
+
+    resized = ops.image.resize(cam[..., None], size, interpolation="bilinear")
+    heat = np.clip(ops.convert_to_numpy(resized)[..., 0], 0.0, None)
+    peak = heat.max(axis=(1, 2), keepdims=True)
+    return np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0).astype("float32")
+
+
+def overlay(
+    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet"
+) -> np.ndarray:
+    """Blend a [0, 1] heatmap, coloured with a matplotlib colormap, over an image (uint8 RGB).
+
+    Float images with values up to 1 are taken as [0, 1], anything else as [0, 255]; grey
+    images are repeated to three channels so the colour of the heat stays readable.
+    """
+    from matplotlib import colormaps
+
+    img = np.asarray(image, dtype="float32")
+    if img.ndim == 2:
+        img = img[..., None]
+    if np.issubdtype(np.asarray(image).dtype, np.floating) and img.max(initial=0.0) <= 1.0:
+        img = img * 255.0
+    img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img[..., :3]
+    heat = np.clip(np.asarray(heatmap, dtype="float32"), 0.0, 1.0)
+    if heat.shape != img.shape[:2]:
+        raise ValueError(f"heatmap shape {heat.shape} does not match image {img.shape[:2]}")
+    colour = colormaps[cmap](heat)[..., :3] * 255.0
+    return np.clip((1.0 - alpha) * img + alpha * colour, 0, 255).round().astype(np.uint8)
