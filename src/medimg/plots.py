@@ -70,7 +70,9 @@ def plot_confusion_matrix(
     for (i, j), n in np.ndenumerate(counts):
         colour = "white" if pct[i, j] > 0.5 else "black"
         ax.text(j, i, f"{n}\n{pct[i, j]:.1%}", ha="center", va="center", color=colour)
-    ax.set_xticks(range(k), class_names, rotation=30 if k > 2 else 0, ha="right" if k > 2 else None)
+    ax.set_xticks(
+        range(k), class_names, rotation=30 if k > 2 else 0, ha="right" if k > 2 else "center"
+    )
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel="Predicted", ylabel="True", title=title)
     return fig
@@ -237,7 +239,7 @@ def plot_comparison(
         ax.text(xi, h, f"{p:.3f}", ha="center", va="bottom")
     ax.set_xticks(x, names, rotation=20 if len(names) > 3 else 0)
     ax.set(ylabel=metric, title=title or f"{metric} with confidence interval")
-    if 0.0 <= low.min() and high.max() <= 1.0:
+    if low.min() >= 0.0 and high.max() <= 1.0:
         ax.set_ylim(max(0.0, math.floor((low.min() - 0.02) * 20) / 20), 1.0)
     return fig
 

@@ -127,14 +127,34 @@ def log_keras_model(model: keras.Model, input_example: np.ndarray) -> str:
     from mlflow.models import infer_signature
 
     signature = infer_signature(input_example, model.predict(input_example, verbose=0))
-    info = mlflow.keras.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=_requirements(),
-    )
+    with _example_dir_fix():
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=_requirements(),
+        )
     return info.model_uri
+
+
+@contextmanager
+def _example_dir_fix() -> Iterator[None]:
+    """MLflow 3's Keras flavour writes the input example before creating the model folder
+    (FileNotFoundError on `input_example.json`); create the folder first."""
+    import os
+    from unittest import mock
+
+    import mlflow.keras.save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model: Any, example: Any, path: str, *args: Any, **kw: Any) -> Any:
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, example, path, *args, **kw)
+
+    with mock.patch.object(keras_save, "_save_example", save_example):
+        yield
 
 
 def _requirements() -> list[str]:

@@ -289,7 +289,7 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
 
 def _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id) -> dict[str, Any]:
     """Write the DVC outputs and log the same to the MLflow run."""
-    from medimg.plots import learning_curves, save_figure
+    from medimg.plots import plot_learning_curves, save_figure
 
     paths = params.paths
     model_file = paths.model_file(plan.arch)
@@ -313,7 +313,7 @@ def _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id) ->
         "resumed_from_epoch": throughput.first_epoch or 0,
     }
     write_json(reports / "metrics.json", metrics)
-    fig = learning_curves(history)
+    fig = plot_learning_curves(history, title=f"{plan.arch} learning curves")
     save_figure(fig, reports / "learning_curves.png")
     summary: list[str] = []
     model.summary(print_fn=lambda line, **_: summary.append(line))

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import sys
+import uuid
 import zipfile
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -332,11 +334,24 @@ def build_suite(cfg: ValidateConfig, dataset: str) -> ExpectationSuite:
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    expectations = [
-        getattr(gxe, cls)(**kwargs, meta={"check": CHECK_LABELS[kwargs["column"]], "param": key})
-        for cls, key, kwargs in expectation_specs(cfg, dataset)
-    ]
-    return gx.ExpectationSuite(name=suite_name(dataset), expectations=expectations)
+    name = suite_name(dataset)
+    specs = expectation_specs(cfg, dataset)
+    suite = gx.ExpectationSuite(
+        name=name,
+        expectations=[
+            getattr(gxe, cls)(**kwargs, meta={"check": CHECK_LABELS[kwargs["column"]], "param": p})
+            for cls, p, kwargs in specs
+        ],
+    )
+    suite.id = stable_id(name)  # set after construction: GX refuses expectations that have ids
+    for expectation, (cls, _, kwargs) in zip(suite.expectations, specs, strict=True):
+        expectation.id = stable_id(name, cls, kwargs)
+    return suite
+
+
+def stable_id(*parts: Any) -> str:
+    """GX ids from content instead of uuid4: the committed suite changes only with params."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(parts, sort_keys=True)))
 
 
 # ---------------------------------------------------------------- the GX context
@@ -398,6 +413,22 @@ def _batch_definition(context: AbstractDataContext) -> Any:
         return asset.add_batch_definition_whole_dataframe(BATCH)
 
 
+def save_suite(context: AbstractDataContext, suite: ExpectationSuite) -> ExpectationSuite:
+    """Store the suite keeping our content-derived ids.
+
+    GX gives every expectation of a newly added suite a random id, so a new suite is first
+    added empty; the update that follows keeps the ids we set.
+    """
+    from great_expectations import ExpectationSuite
+    from great_expectations.exceptions import DataContextError
+
+    try:
+        context.suites.get(suite.name)
+    except DataContextError:
+        context.suites.add(ExpectationSuite(name=suite.name))
+    return context.suites.add_or_update(suite)
+
+
 def run_suite(
     context: AbstractDataContext, suite: ExpectationSuite, frame: pd.DataFrame, dataset: str
 ) -> CheckpointResult:
@@ -405,7 +436,7 @@ def run_suite(
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
-    suite = context.suites.add_or_update(suite)
+    suite = save_suite(context, suite)
     definition = gx.ValidationDefinition(
         name=suite_name(dataset), data=_batch_definition(context), suite=suite
     )

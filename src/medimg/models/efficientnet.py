@@ -2,7 +2,8 @@
 
 Keras' EfficientNet rescales and normalises inside the model, so it takes raw 0-255 pixels.
 One trap is handled here: with `weights="imagenet"` Keras inserts an extra per-channel
-1/std rescale after its Normalization layer (to match the original TF implementation), but
+1/sqrt(std) rescale after its Normalization layer (the ImageNet file stores std where a
+variance belongs; see tensorflow/tensorflow#49930), but
 with `weights=<path>` it builds the `weights=None` topology without it, so the same ImageNet
 file would see differently scaled inputs. For a path, an equivalent per-channel affine
 Rescaling is put in front of the base, making both routes compute the same function.
@@ -24,8 +25,12 @@ IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
 
 def stddev_correction(name: str = "imagenet_std_correction") -> layers.Rescaling:
-    """x → x/s + 255·m·(1 - 1/s) per channel, so Rescaling(1/255) → Normalization(m, s²)
-    then yields (x/255 - m)/s², what Keras' "imagenet" topology computes."""
+    """x → k·x + 255·m·(1 - k) per channel, with k = 1/sqrt(std) as in Keras' "imagenet" branch.
+
+    Then Rescaling(1/255) → Normalization(mean m) sees k·(x/255 - m) + m, so its output is k
+    times Normalization(x/255): exactly Keras' "imagenet" topology, whatever variance the file
+    holds, as long as the file's mean is the ImageNet mean (true for the Keras ImageNet file).
+    """
     scale = [1.0 / math.sqrt(s) for s in IMAGENET_STDDEV_RGB]
     offset = [255.0 * m * (1.0 - k) for m, k in zip(IMAGENET_MEAN_RGB, scale, strict=True)]
     return layers.Rescaling(scale=scale, offset=offset, name=name)

@@ -26,6 +26,7 @@ from keras import layers
 
 from medimg.errors import ConfigError
 from medimg.models.layers import (
+    check_fraction,
     check_non_negative,
     classification_head,
     regularizer,
@@ -97,23 +98,34 @@ def resnet_mini(
     Params: `stages` (modules per stage), `filters` (stem width then one width per stage, so
     len(filters) == len(stages) + 1), `l2` (kernel L2 factor), `bn_epsilon`, `bn_momentum`.
     """
-    stages = [int(s) for s in stages]
-    filters = [int(f) for f in filters]
-    if not stages or min(stages) < 1 or len(filters) != len(stages) + 1 or min(filters) < 4:
+    try:
+        stage_list = [int(s) for s in stages]
+        filter_list = [int(f) for f in filters]
+    except (TypeError, ValueError):
+        stage_list, filter_list = [], []
+    if (
+        not stage_list
+        or min(stage_list) < 1
+        or len(filter_list) != len(stage_list) + 1
+        or min(filter_list) < 4
+    ):
         raise ConfigError(
             "resnet_mini: need stages >= 1 each and len(filters) == len(stages) + 1 "
-            f"(filters >= 4), got stages={stages}, filters={filters}"
+            f"(filters >= 4), got stages={stages!r}, filters={filters!r}"
         )
     reg = regularizer(check_non_negative("resnet_mini", "l2", l2))
-    bn = {"epsilon": float(bn_epsilon), "momentum": float(bn_momentum)}
+    bn = {
+        "epsilon": check_non_negative("resnet_mini", "bn_epsilon", bn_epsilon),
+        "momentum": check_fraction("resnet_mini", "bn_momentum", bn_momentum),
+    }
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = unit_rescaling()(inputs)
     x = layers.BatchNormalization(**bn, name="input_bn")(x)
     x = layers.Conv2D(
-        filters[0], 3, padding="same", use_bias=False, kernel_regularizer=reg, name="stem_conv"
+        filter_list[0], 3, padding="same", use_bias=False, kernel_regularizer=reg, name="stem_conv"
     )(x)
-    for i, (blocks, width) in enumerate(zip(stages, filters[1:], strict=True)):
+    for i, (blocks, width) in enumerate(zip(stage_list, filter_list[1:], strict=True)):
         stride = 1 if i == 0 else 2
         x = _residual_module(
             x, width, stride, reduce=True, reg=reg, bn=bn, name=f"stage{i + 1}_block1"
