@@ -202,10 +202,14 @@ def test_rank_auc_matches_sklearn_with_ties() -> None:
 
 
 def test_bootstrap_is_fast() -> None:
+    """1,000 resamples of 1,000 rows / 40 patients in < 2 s of this process's CPU time.
+
+    CPU rather than wall time: the test machine is shared, and contention is not our cost.
+    """
     y, p, g = _patient_data()
-    start = time.perf_counter()
+    start = time.process_time()
     out = bootstrap_ci(y, p, g, rank_auc, n_resamples=1000)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
     assert out["n_resamples"] == 1000
 
 

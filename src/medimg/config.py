@@ -242,7 +242,16 @@ class PathsConfig(Frozen):
         return Path(self.reports) / "train" / arch
 
     def eval_reports(self, arch: str) -> Path:
+        """Plots, predictions and the int8 model of `arch`'s evaluation."""
         return Path(self.reports) / "eval" / arch
+
+    def eval_metrics(self, arch: str) -> Path:
+        """The DVC metrics file of `arch`: `reports/eval/<arch>.json`."""
+        return Path(self.reports) / "eval" / f"{arch}.json"
+
+    @property
+    def promotion(self) -> Path:
+        return Path(self.reports) / "promotion.json"
 
 
 class MlflowConfig(Frozen):

@@ -166,7 +166,9 @@ def _ranking_scores(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
     }
 
 
-def binary_metrics(y_true: ArrayLike, p_pos: ArrayLike, threshold: float = 0.5) -> dict[str, Any]:
+def binary_metrics(
+    y_true: ArrayLike, p_pos: ArrayLike, threshold: float = 0.5, *, n_bins: int = 10
+) -> dict[str, Any]:
     """Threshold, ranking and calibration metrics of a binary classifier, class 1 positive.
 
     Sensitivity and specificity are reported separately because a screening test is judged on
@@ -186,7 +188,7 @@ def binary_metrics(y_true: ArrayLike, p_pos: ArrayLike, threshold: float = 0.5) 
         **_ranking_scores(y, p),
         "mcc": _mcc(y, y_pred),
         "brier": float(skm.brier_score_loss(y, p, labels=[0, 1])),
-        "ece": expected_calibration_error(y, p),
+        "ece": expected_calibration_error(y, p, n_bins),
         "confusion_matrix": cm.tolist(),
         "tn": tn,
         "fp": fp,
@@ -223,7 +225,7 @@ def _macro(values: Sequence[float | None]) -> float | None:
 
 
 def multiclass_metrics(
-    y_true: ArrayLike, probs: ArrayLike, class_names: Sequence[str]
+    y_true: ArrayLike, probs: ArrayLike, class_names: Sequence[str], *, n_bins: int = 10
 ) -> dict[str, Any]:
     """Macro and per-class metrics for K-class probabilities (argmax decision).
 
@@ -263,7 +265,7 @@ def multiclass_metrics(
             "roc_auc": _macro(aucs),
             "mcc": _mcc(y, y_pred),
             "brier": float(skm.brier_score_loss(y, p, labels=labels)),
-            "ece": expected_calibration_error(y, p),
+            "ece": expected_calibration_error(y, p, n_bins),
             "confusion_matrix": cm.tolist(),
             "class_names": names,
             "per_class": per_class,

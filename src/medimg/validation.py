@@ -38,7 +38,7 @@ from medimg.errors import ConfigError, DataError
 from medimg.io import atomic_path, write_json
 
 if TYPE_CHECKING:
-    from great_expectations.checkpoint.checkpoint import CheckpointResult
+    from great_expectations.checkpoint.checkpoint import Checkpoint, CheckpointResult
     from great_expectations.core import ExpectationSuite
     from great_expectations.data_context import AbstractDataContext
 
@@ -273,11 +273,9 @@ def checked_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
     frame["class_images"] = class_images
     frame["class_imbalance"] = (counts.max() / class_images).astype("Float64")
     frame["file"] = frame["path"].map(lambda p: PurePosixPath(p).name).astype("str")
-    frame["sha256_classes"] = (
-        frame.groupby("sha256")["class"].transform("nunique").astype("Int64")
-        if len(frame)
-        else pd.Series(dtype="Int64")
-    )
+    decoded = frame.loc[frame["decodable"]]
+    per_sha = decoded.groupby("sha256")["class"].nunique()
+    frame["sha256_classes"] = frame["sha256"].map(per_sha).where(frame["decodable"]).astype("Int64")
     return frame
 
 
@@ -429,18 +427,16 @@ def save_suite(context: AbstractDataContext, suite: ExpectationSuite) -> Expecta
     return context.suites.add_or_update(suite)
 
 
-def run_suite(
-    context: AbstractDataContext, suite: ExpectationSuite, frame: pd.DataFrame, dataset: str
-) -> CheckpointResult:
-    """Validate `frame` through a checkpoint whose action rebuilds the Data Docs site."""
+def checkpoint_for(context: AbstractDataContext, cfg: ValidateConfig, dataset: str) -> Checkpoint:
+    """Suite, validation definition and checkpoint, stored (idempotently) in the context."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
-    suite = save_suite(context, suite)
+    suite = save_suite(context, build_suite(cfg, dataset))
     definition = gx.ValidationDefinition(
         name=suite_name(dataset), data=_batch_definition(context), suite=suite
     )
-    checkpoint = context.checkpoints.add_or_update(
+    return context.checkpoints.add_or_update(
         gx.Checkpoint(
             name=f"{dataset}_validate",
             validation_definitions=[definition],
@@ -448,7 +444,15 @@ def run_suite(
             result_format=RESULT_FORMAT,
         )
     )
-    return checkpoint.run(batch_parameters={"dataframe": frame})
+
+
+def init_context(params: Params) -> Checkpoint:
+    """Create or refresh the GX context at `paths.gx` from params, without validating anything.
+
+    This is how the committed `gx/` folder is made; `run` does the same before each check.
+    """
+    context = open_context(Path(params.paths.gx), params.paths.data_docs)
+    return checkpoint_for(context, params.validate_cfg, params.dataset.name)
 
 
 # ---------------------------------------------------------------- reading the result
@@ -565,9 +569,9 @@ def summarize(
 def failure_text(report: Mapping[str, Any]) -> str:
     """The stderr block a human reads first; the Data Docs page has the rest."""
     failed = report["failed_expectations"]
-    lines = [f"validation failed: {len(failed)} of {report['expectations']} expectations"]
+    lines = [f"validate: {len(failed)} of {report['expectations']} expectations failed"]
     for f in failed:
-        count = f" ({f['unexpected']} unexpected)" if f["unexpected"] else ""
+        count = f": {f['unexpected']} unexpected" if f["unexpected"] else ""
         lines.append(f"  - {f['check']} [{f['param']}]{count}")
         lines += [f"      {example}" for example in f["examples"]]
     lines.append(f"  data docs: {report['data_docs']}")
@@ -601,8 +605,7 @@ def run(params: Params) -> dict[str, Any]:
         split_folders=params.split.predefined_folders.values(),
     )
     frame = checked_frame(manifest, cfg)
-    context = open_context(Path(paths.gx), paths.data_docs)
-    result = run_suite(context, build_suite(cfg, dataset), frame, dataset)
+    result = init_context(params).run(batch_parameters={"dataframe": frame})
     failures = failed_checks(result, frame)
     manifest = mark_rejected(manifest, failures, cfg)
     docs_index = paths.data_docs / "index.html"
