@@ -79,9 +79,11 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
     assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy_ci"][0] <= metrics["accuracy"]
     assert metrics["int8_bytes"] > 0 and 0 <= metrics["int8_agreement"] <= 1
     out = params.paths.eval_reports("tiny")
-    for name in ("confusion.png", "roc.png", "pr.png", "calibration.png", "predictions.csv",
-                 "roc.csv", "details.json", "gradcam_Parasitized.png", "learning_curves.png"):
+    for name in ("confusion.png", "roc.png", "pr.png", "calibration.png", "details.json",
+                 "gradcam_Parasitized.png", "learning_curves.png"):
         assert (out / name).stat().st_size > 0, name
+    assert params.paths.eval_predictions("tiny").read_text().startswith("path,patient,actual")
+    assert params.paths.eval_roc("tiny").read_text().startswith("fpr,tpr")
     client = MlflowClient(params.mlflow.tracking_uri)
     logged = client.get_run(trained["run_id"]).data.metrics
     assert logged["test_accuracy"] == pytest.approx(metrics["accuracy"])

@@ -159,9 +159,12 @@ def test_thumbs_db_is_counted_not_fatal(tmp_path: Path) -> None:
 
 
 def test_corrupt_png_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    raw_zip(tmp_path, {BAD: b"\x89PNG\r\n\x1a\n" + b"garbage" * 20})
+    data = bytearray(png_bytes(32, seed=999))
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64  # garbage inside the pixel data
+    raw_zip(tmp_path, {BAD: bytes(data)})
     err = fails(tmp_path, write_params(tmp_path), capsys)
-    assert "images decode" in err and BAD in err and "cannot identify image" in err
+    assert "images decode [validate.max_corrupt_fraction]: 1 unexpected" in err
+    assert f"{BAD}: OSError: unrecognized data stream" in err
 
 
 def test_truncated_png_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -36,20 +36,48 @@ def stage_main(run: Callable[..., Any], argv: Sequence[str] | None = None) -> No
         fail(err)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _check_params(params: Params, args: argparse.Namespace) -> int:
+    print(params.model_dump_json(indent=2, by_alias=True))
+    return 0
+
+
+def _gate(params: Params, args: argparse.Namespace) -> int:
+    from medimg.registry import gate
+
+    return gate(params)
+
+
+def _rollback(params: Params, args: argparse.Namespace) -> int:
+    from medimg.registry import rollback
+
+    rollback(params)
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[Params, argparse.Namespace], int]]] = {
+    "check-params": ("validate params.yaml and print the resolved config", _check_params),
+    "gate": ("re-check the promotion gate (exit 0 pass, 1 fail); CI calls this", _gate),
+    "rollback": ("move the champion alias back to the previous version", _rollback),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medimg", description=__doc__)
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
-    args = parser.parse_args(argv)
+    for name, (help_text, _) in COMMANDS.items():
+        sub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params)
-        if args.command == "check-params":
-            print(params.model_dump_json(indent=2, by_alias=True))
+        code = COMMANDS[args.command][1](params, args)
     except MedimgError as err:
         fail(err)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

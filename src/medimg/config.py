@@ -249,6 +249,13 @@ class PathsConfig(Frozen):
         """The DVC metrics file of `arch`: `reports/eval/<arch>.json`."""
         return Path(self.reports) / "eval" / f"{arch}.json"
 
+    def eval_predictions(self, arch: str) -> Path:
+        """Per-image test predictions: `dvc plots` confusion matrix and the gate's McNemar."""
+        return Path(self.reports) / "eval" / f"{arch}.predictions.csv"
+
+    def eval_roc(self, arch: str) -> Path:
+        return Path(self.reports) / "eval" / f"{arch}.roc.csv"
+
     @property
     def promotion(self) -> Path:
         return Path(self.reports) / "promotion.json"

@@ -245,20 +245,21 @@ def run(params: Params, arch: str) -> dict[str, Any]:
     out = paths.eval_reports(arch)
     with atomic_dir(out) as tmp:
         write_plots(tmp, result, y, probs, classes, cfg, figures, paths.train_reports(arch))
-        frame = predictions_frame(img_paths, patients, y, probs, classes, 0.5)
-        write_text(tmp / "predictions.csv", frame.to_csv(index=False))
-        write_text(tmp / "roc.csv", roc_csv(y, probs))
         if int8 is not None:
             (tmp / "model_int8.tflite").write_bytes(int8)
         write_json(tmp / "details.json", {**result, "edge": edge, "architecture": arch})
+    frame = predictions_frame(img_paths, patients, y, probs, classes, 0.5)
+    write_text(paths.eval_predictions(arch), frame.to_csv(index=False))
+    write_text(paths.eval_roc(arch), roc_csv(y, probs))
     write_json(paths.eval_metrics(arch), flat)
-    _log(params, run_info["run_id"], flat, out, info["fingerprint"])
+    files = [*sorted(out.iterdir()), paths.eval_predictions(arch), paths.eval_roc(arch)]
+    _log(params, run_info["run_id"], flat, files, info["fingerprint"])
     print(f"evaluate {arch}: accuracy {flat['accuracy']:.4f} "
           f"CI {flat['accuracy_ci']} on {len(y)} test images")
     return flat
 
 
-def _log(params: Params, run_id: str, flat: dict, out: Path, fingerprint: str) -> None:
+def _log(params: Params, run_id: str, flat: dict, files: list[Path], fingerprint: str) -> None:
     tracking.configure(params.mlflow, params.dataset.name)
     with tracking.run(run_id=run_id):
         tracking.log_metrics({k: v for k, v in flat.items() if not k.endswith("_ci")}, prefix="test_")
@@ -266,5 +267,5 @@ def _log(params: Params, run_id: str, flat: dict, out: Path, fingerprint: str) -
             if name.endswith("_ci") and ci[0] is not None:
                 tracking.log_metrics({f"test_{name}_low": ci[0], f"test_{name}_high": ci[1]})
         tracking.set_tags({"eval_fingerprint": fingerprint})
-        for file in sorted(out.iterdir()):
+        for file in files:
             tracking.log_artifact(file, "eval")

@@ -186,3 +186,61 @@ def git_commit(repo: str | Path = ".") -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
+
+
+# ------------------------------------------------------------------------------ model registry
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def register_version(model_uri: str, name: str, tags: Mapping[str, Any]) -> str:
+    """A new version of registered model `name` from `model_uri`; returns the version."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
+    """{'version', 'run_id', 'tags'} of the version holding `alias`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = _client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return {"version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
+
+
+def version_info(name: str, version: str) -> dict[str, Any]:
+    mv = _client().get_model_version(name, version)
+    return {"version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags),
+            "aliases": list(mv.aliases)}
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    _client().set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
+    client = _client()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def download_run_artifact(run_id: str, path: str, dest: str | Path) -> Path | None:
+    """A run's artifact as a local file, or None when the run has no such artifact."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, dst_path=str(dest)
+        )
+    except (MlflowException, OSError):
+        return None
+    return Path(local)

@@ -25,11 +25,12 @@ import zipfile
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from medimg.archive import iter_members
@@ -128,6 +129,8 @@ def inspect_image(data: bytes, max_pixels: int) -> dict[str, Any]:
                     f"dataset.limits.max_image_pixels ({max_pixels}); not decoded",
                 }
             img.load()
+    except UnidentifiedImageError:  # its message holds a memory address: keep reports stable
+        return {**info, "error": "UnidentifiedImageError: not a recognised image format"}
     except Image.DecompressionBombError as err:
         return {**info, "error": f"{err} (dataset.limits.max_image_pixels); not decoded"}
     except Exception as err:
@@ -286,45 +289,48 @@ def suite_name(dataset: str) -> str:
     return f"{dataset}_manifest"
 
 
-def expectation_specs(cfg: ValidateConfig, dataset: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(GX class name, params key, kwargs) of every check, in report order; params only."""
+@dataclass(frozen=True)
+class Spec:
+    """One check: its short label for humans, the GX expectation, and the params key it reads."""
+
+    label: str
+    expectation: str
+    param: str
+    kwargs: dict[str, Any]
+
+
+def expectation_specs(cfg: ValidateConfig, dataset: str) -> list[Spec]:
+    """Every check in report order; all bounds come from params.
+
+    "Exactly the expected classes" is two checks (values in the set, and as many distinct values
+    as the set has): GX's distinct-values-equal-set result breaks its own Data Docs renderer.
+    """
     (wlo, whi), (hlo, hhi) = cfg.width, cfg.height
+    n_classes = len(set(cfg.classes))
     return [
-        ("ExpectColumnDistinctValuesToEqualSet", "validate.classes",
-         {"column": "class", "value_set": list(cfg.classes)}),
-        ("ExpectColumnValuesToBeBetween", "validate.min_per_class",
-         {"column": "class_images", "min_value": cfg.min_per_class}),
-        ("ExpectColumnValuesToBeBetween", "validate.max_class_imbalance",
-         {"column": "class_imbalance", "max_value": cfg.max_class_imbalance}),
-        ("ExpectColumnValuesToBeBetween", "validate.width",
-         {"column": "width", "min_value": wlo, "max_value": whi}),
-        ("ExpectColumnValuesToBeBetween", "validate.height",
-         {"column": "height", "min_value": hlo, "max_value": hhi}),
-        ("ExpectColumnValuesToBeInSet", "validate.modes",
-         {"column": "mode", "value_set": list(cfg.modes)}),
-        ("ExpectColumnValuesToBeInSet", "validate.formats",
-         {"column": "format", "value_set": list(cfg.formats)}),
-        ("ExpectColumnValuesToBeInSet", "validate.max_corrupt_fraction",
-         {"column": "decodable", "value_set": [True]}),
-        ("ExpectColumnValuesToMatchRegex", "validate.patient_regex",
-         {"column": "file", "regex": cfg.patient_pattern(dataset)}),
-        ("ExpectColumnValuesToBeBetween", "validate.classes",
-         {"column": "sha256_classes", "max_value": 1}),
+        Spec("classes", "ExpectColumnValuesToBeInSet", "validate.classes",
+             {"column": "class", "value_set": list(cfg.classes)}),
+        Spec("all classes present", "ExpectColumnUniqueValueCountToBeBetween", "validate.classes",
+             {"column": "class", "min_value": n_classes, "max_value": n_classes}),
+        Spec("images per class", "ExpectColumnValuesToBeBetween", "validate.min_per_class",
+             {"column": "class_images", "min_value": cfg.min_per_class}),
+        Spec("class balance", "ExpectColumnValuesToBeBetween", "validate.max_class_imbalance",
+             {"column": "class_imbalance", "max_value": cfg.max_class_imbalance}),
+        Spec("width in range", "ExpectColumnValuesToBeBetween", "validate.width",
+             {"column": "width", "min_value": wlo, "max_value": whi}),
+        Spec("height in range", "ExpectColumnValuesToBeBetween", "validate.height",
+             {"column": "height", "min_value": hlo, "max_value": hhi}),
+        Spec("mode in set", "ExpectColumnValuesToBeInSet", "validate.modes",
+             {"column": "mode", "value_set": list(cfg.modes)}),
+        Spec("format in set", "ExpectColumnValuesToBeInSet", "validate.formats",
+             {"column": "format", "value_set": list(cfg.formats)}),
+        Spec("images decode", "ExpectColumnValuesToBeInSet", "validate.max_corrupt_fraction",
+             {"column": "decodable", "value_set": [True]}),
+        Spec("patient id", "ExpectColumnValuesToMatchRegex", "validate.patient_regex",
+             {"column": "file", "regex": cfg.patient_pattern(dataset)}),
+        Spec("no image in two classes", "ExpectColumnValuesToBeBetween", "validate.classes",
+             {"column": "sha256_classes", "max_value": 1}),
     ]  # fmt: skip
-
-
-CHECK_LABELS = {
-    "class": "classes",
-    "class_images": "images per class",
-    "class_imbalance": "class balance",
-    "width": "width in range",
-    "height": "height in range",
-    "mode": "mode in set",
-    "format": "format in set",
-    "decodable": "images decode",
-    "file": "patient id",
-    "sha256_classes": "no image in two classes",
-}
 
 
 def build_suite(cfg: ValidateConfig, dataset: str) -> ExpectationSuite:
@@ -337,13 +343,15 @@ def build_suite(cfg: ValidateConfig, dataset: str) -> ExpectationSuite:
     suite = gx.ExpectationSuite(
         name=name,
         expectations=[
-            getattr(gxe, cls)(**kwargs, meta={"check": CHECK_LABELS[kwargs["column"]], "param": p})
-            for cls, p, kwargs in specs
+            getattr(gxe, spec.expectation)(
+                **spec.kwargs, meta={"check": spec.label, "param": spec.param}
+            )
+            for spec in specs
         ],
     )
     suite.id = stable_id(name)  # set after construction: GX refuses expectations that have ids
-    for expectation, (cls, _, kwargs) in zip(suite.expectations, specs, strict=True):
-        expectation.id = stable_id(name, cls, kwargs)
+    for expectation, spec in zip(suite.expectations, specs, strict=True):
+        expectation.id = stable_id(name, spec.expectation, spec.kwargs)
     return suite
 
 
@@ -465,7 +473,11 @@ def _short(value: Any) -> str:
 
 
 def failure_examples(
-    column: str, result: Mapping[str, Any], frame: pd.DataFrame, limit: int = MAX_EXAMPLES
+    column: str,
+    result: Mapping[str, Any],
+    frame: pd.DataFrame,
+    classes: Collection[str],
+    limit: int = MAX_EXAMPLES,
 ) -> list[str]:
     """Up to `limit` human examples: files for row checks, classes for class-level checks."""
     rows = result.get("unexpected_index_list") or []
@@ -477,41 +489,41 @@ def failure_examples(
         return [f"{r['path']}: {errors.get(r['path'])}" for r in rows[:limit]]
     if rows:
         return [f"{r['path']} ({column} = {_short(r.get(column))})" for r in rows[:limit]]
-    if column == "class":
-        missing = [f"missing class {c!r}" for c in result.get("partial_missing_list") or []]
-        extra = [
-            f"unexpected class {c!r}: {frame.loc[frame['class'] == c, 'path'].iloc[0]}"
-            for c in result.get("partial_unexpected_list") or []
-            if (frame["class"] == c).any()
-        ]
-        return (missing + extra)[:limit]
+    if column == "class":  # the distinct-count check: name what is missing
+        present = set(frame["class"])
+        return [f"missing class {c!r}" for c in classes if c not in present][:limit]
     return []
 
 
-def _failure(res: Any, frame: pd.DataFrame) -> dict[str, Any]:
+def _failure(res: Any, frame: pd.DataFrame, classes: Collection[str]) -> dict[str, Any]:
     config = res.expectation_config
     column = config.kwargs.get("column", "")
     meta = config.meta or {}
     result = res.result or {}
     rows = result.get("unexpected_index_list") or []
     exception = (res.exception_info or {}).get("exception_message")
+    observed = result.get("observed_value")
+    examples = (
+        [f"error: {exception}"] if exception else failure_examples(column, result, frame, classes)
+    )
     return {
         "check": meta.get("check", config.type),
         "param": meta.get("param"),
         "expectation": config.type,
         "column": column,
         "unexpected": result.get("unexpected_count"),
-        "examples": [f"error: {exception}"]
-        if exception
-        else failure_examples(column, result, frame),
+        "observed": None if observed is None else _short(observed),
+        "examples": examples,
         "flagged": sorted({r["path"] for r in rows}),
     }
 
 
-def failed_checks(checkpoint_result: CheckpointResult, frame: pd.DataFrame) -> list[dict]:
+def failed_checks(
+    checkpoint_result: CheckpointResult, frame: pd.DataFrame, classes: Collection[str]
+) -> list[dict]:
     """One plain dict per failed expectation, in suite order, ready for JSON and stderr."""
     return [
-        _failure(res, frame)
+        _failure(res, frame, classes)
         for suite_result in checkpoint_result.run_results.values()
         for res in suite_result.results
         if not res.success
@@ -522,13 +534,9 @@ def evaluated_count(checkpoint_result: CheckpointResult) -> int:
     return sum(len(r.results) for r in checkpoint_result.run_results.values())
 
 
-def mark_rejected(
-    manifest: pd.DataFrame, failures: list[dict], cfg: ValidateConfig
-) -> pd.DataFrame:
+def mark_rejected(manifest: pd.DataFrame, failures: list[dict]) -> pd.DataFrame:
     """Usable rows that a failed check points at become `rejected`, for the failure report."""
     flagged = {path for f in failures for path in f["flagged"]}
-    if any(f["column"] == "class" for f in failures):
-        flagged |= set(manifest.loc[~manifest["class"].isin(cfg.classes), "path"])
     hit = (manifest["status"] == "ok") & manifest["path"].isin(flagged)
     return manifest.assign(status=manifest["status"].where(~hit, "rejected"))
 
@@ -572,6 +580,8 @@ def failure_text(report: Mapping[str, Any]) -> str:
     lines = [f"validate: {len(failed)} of {report['expectations']} expectations failed"]
     for f in failed:
         count = f": {f['unexpected']} unexpected" if f["unexpected"] else ""
+        if not count and f["observed"] is not None:
+            count = f": observed {f['observed']}"
         lines.append(f"  - {f['check']} [{f['param']}]{count}")
         lines += [f"      {example}" for example in f["examples"]]
     lines.append(f"  data docs: {report['data_docs']}")
@@ -606,8 +616,8 @@ def run(params: Params) -> dict[str, Any]:
     )
     frame = checked_frame(manifest, cfg)
     result = init_context(params).run(batch_parameters={"dataframe": frame})
-    failures = failed_checks(result, frame)
-    manifest = mark_rejected(manifest, failures, cfg)
+    failures = failed_checks(result, frame, cfg.classes)
+    manifest = mark_rejected(manifest, failures)
     docs_index = paths.data_docs / "index.html"
     report = summarize(manifest, failures, evaluated_count(result), dataset, docs_index)
     if failures:

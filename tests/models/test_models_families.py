@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -27,9 +28,11 @@ def raw_pixels(batch: int, height: int, width: int | None = None, seed: int = 0)
 
 @pytest.mark.parametrize("num_classes", [2, 4])
 @pytest.mark.parametrize("name", zoo.list_models())
-def test_every_model_maps_raw_pixels_to_probabilities(name: str, num_classes: int) -> None:
+def test_every_model_maps_raw_pixels_to_probabilities(
+    small_model: Callable[[str, int], keras.Model], name: str, num_classes: int
+) -> None:
     size = zoo.get_spec(name).min_size  # 32 px, or 75 for InceptionV3: keeps this test fast
-    model = zoo.build_model(name, (size, size, 3), num_classes)
+    model = small_model(name, num_classes)
     assert model.name == name
     probs = np.asarray(model(raw_pixels(2, size), training=False))
     if num_classes == 2:
@@ -77,8 +80,10 @@ def test_parameter_counts_match_the_seeds(
     assert trainable_count(model) == trainable
 
 
-def test_vgg19_finetune_trains_only_blocks_4_5_and_the_head() -> None:
-    model = zoo.build_model("vgg19_finetune", (32, 32, 3), 2)
+def test_vgg19_finetune_trains_only_blocks_4_5_and_the_head(
+    small_model: Callable[[str, int], keras.Model],
+) -> None:
+    model = small_model("vgg19_finetune", 2)
     trainable = {layer.name for layer in model.layers if layer.trainable_weights}
     assert trainable == {
         *(f"block4_conv{i}" for i in range(1, 5)),
@@ -99,9 +104,10 @@ def test_vgg19_finetune_trains_only_blocks_4_5_and_the_head() -> None:
         ("inception_v3", {"head_fc", "predictions"}),
     ],
 )
-def test_frozen_bases_leave_only_the_head_trainable(name: str, head: set[str]) -> None:
-    size = zoo.get_spec(name).min_size
-    model = zoo.build_model(name, (size, size, 3), 2)
+def test_frozen_bases_leave_only_the_head_trainable(
+    small_model: Callable[[str, int], keras.Model], name: str, head: set[str]
+) -> None:
+    model = small_model(name, 2)
     assert {layer.name for layer in model.layers if layer.trainable_weights} == head
 
 
@@ -155,8 +161,8 @@ def test_efficientnet_path_correction_matches_keras_imagenet_topology() -> None:
     np.testing.assert_allclose(ours, keras_route, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("mixed_precision")
 def test_heads_stay_float32_under_mixed_precision() -> None:
-    keras.config.set_dtype_policy("mixed_float16")
     model = zoo.build_model("compact_cnn", (32, 32, 3), 2)
     assert model.get_layer("stage4_block2_pw").compute_dtype == "float16"
     probs = model(raw_pixels(2, 32), training=False)
