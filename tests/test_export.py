@@ -183,7 +183,9 @@ def test_quantized_io_tensors_round_trip_through_scale_and_zero_point():
     pixels = np.array([0.0, 12.4, 254.6, 300.0], np.float32)
     np.testing.assert_array_equal(_quantize(pixels, detail), [0, 12, 255, 255])
     out = {"dtype": np.int8, "quantization": (1 / 256, -128)}
-    np.testing.assert_allclose(_dequantize(np.array([-128, 0, 127], np.int8), out), [0, 0.5, 255 / 256])
+    np.testing.assert_allclose(
+        _dequantize(np.array([-128, 0, 127], np.int8), out), [0, 0.5, 255 / 256]
+    )
 
 
 def test_write_tflite_is_atomic_and_refuses_non_tflite_bytes(tmp_path, tiny_float):
@@ -194,3 +196,31 @@ def test_write_tflite_is_atomic_and_refuses_non_tflite_bytes(tmp_path, tiny_floa
         write_tflite(b"<html>not a model</html>", bad)
     assert not bad.exists()
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["tiny.tflite"]
+
+
+def test_nested_functional_model_exports_like_any_layer():
+    inner_in = keras.Input((SIZE, SIZE, 3))
+    inner_out = keras.layers.Conv2D(4, 3, activation="relu")(
+        keras.layers.Rescaling(1 / 255)(inner_in)
+    )
+    inner = keras.Model(inner_in, inner_out, name="base")
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.GlobalAveragePooling2D()(inner(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x), name="nested")
+    images = np.random.default_rng(4).uniform(0, 255, (6, SIZE, SIZE, 3)).astype(np.float32)
+    got = TFLiteModel(to_tflite(model)).predict(images, batch_size=6)
+    np.testing.assert_allclose(got, model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_mixed_precision_model_is_exported_at_float32(trained_tiny):
+    """GPU runs train under mixed_float16, whose float16 ops have no TFLite kernels."""
+    model, _, held_out = trained_tiny
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = build_model("tiny", (SIZE, SIZE, 3), 2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(model.get_weights())
+    got = TFLiteModel(to_tflite(mixed)).predict(held_out[:16], batch_size=16)
+    np.testing.assert_allclose(got, model.predict(held_out[:16], verbose=0), atol=1e-5)
+    assert mixed.dtype_policy.name == "mixed_float16", "the caller's model is left untouched"

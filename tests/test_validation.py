@@ -19,6 +19,7 @@ from medimg.cli import stage_main
 from medimg.config import ArchiveLimits, ValidateConfig, load_params
 from medimg.validation import (
     MANIFEST_COLUMNS,
+    STATUSES,
     build_manifest,
     inspect_image,
     is_junk,
@@ -152,6 +153,7 @@ def test_thumbs_db_is_counted_not_fatal(tmp_path: Path) -> None:
     frame = succeeds(tmp_path, write_params(tmp_path))  # on an empty gx folder
     assert (tmp_path / "gx" / "great_expectations.yml").exists()
     assert frame["status"].value_counts().to_dict() == {"ok": 24, "junk": 2}
+    assert set(frame["status"]) <= set(STATUSES)
     rep = report(tmp_path)
     assert (rep["images"], rep["valid"], rep["junk"], rep["corrupt"]) == (24, 24, 2, 0)
     assert rep["patients"] == 6 and rep["per_class"] == {"Parasitized": 12, "Uninfected": 12}
@@ -215,7 +217,8 @@ def test_empty_class_folder_fails(tmp_path: Path, capsys: pytest.CaptureFixture)
     with zipfile.ZipFile(dest, "a") as zf:
         zf.writestr("cell_images/Uninfected/", b"")  # a folder entry, no files in it
     err = fails(tmp_path, write_params(tmp_path), capsys)
-    assert "classes [validate.classes]" in err and "missing class 'Uninfected'" in err
+    assert "all classes present [validate.classes]: observed 1" in err
+    assert "missing class 'Uninfected'" in err
 
 
 def test_unexpected_class_folder_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -224,7 +227,7 @@ def test_unexpected_class_folder_fails(tmp_path: Path, capsys: pytest.CaptureFix
     }
     raw_zip(tmp_path, extra)
     err = fails(tmp_path, write_params(tmp_path), capsys)
-    assert "unexpected class 'Unsure'" in err
+    assert "classes [validate.classes]: 3 unexpected" in err and "(class = Unsure)" in err
     assert [f["check"] for f in report(tmp_path)["failed_expectations"]] == ["classes"]
 
 
@@ -292,15 +295,19 @@ def tracked_files(root: Path) -> dict[str, bytes]:
 
 
 def test_real_dev_zip(tmp_path: Path) -> None:
-    dev = shared_file("malaria/cell_images_dev.zip")
-    cfg = ValidateConfig(patient_regex=NIH_ANY_NAME)
+    dest = tmp_path / "data" / "raw" / "images.zip"
+    dest.parent.mkdir(parents=True)
+    shutil.copy(shared_file("malaria/cell_images_dev.zip"), dest)
+    params = load_params(write_params(tmp_path, validate={"patient_regex": NIH_ANY_NAME}))
     start = time.perf_counter()
-    frame = build_manifest(dev, cfg, ArchiveLimits(), "malaria")
+    out = run(params)  # the whole stage: manifest, suite and Data Docs on 6,000 rows
     took = time.perf_counter() - start
-    print(f"manifest of {dev.name}: {len(frame)} rows in {took:.1f} s")
+    print(f"validate on {dest.name}: {out['files']} files in {took:.1f} s")
     assert took < 60
-    assert (frame["status"] == "ok").sum() == 6000 and frame["patient"].nunique() == 140
-    assert set(frame["width"]) == {128} and set(frame["mode"]) == {"RGB"}
+    assert (out["valid"], out["patients"], out["junk"], out["corrupt"]) == (6000, 140, 0, 0)
+    assert out["per_class"] == {"Parasitized": 3000, "Uninfected": 3000}
+    frame = pd.read_parquet(manifest_path(tmp_path))
+    assert len(frame) == 6000 and set(frame["width"]) == {128} and set(frame["mode"]) == {"RGB"}
 
 
 def test_real_fullres_zip(tmp_path: Path) -> None:

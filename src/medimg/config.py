@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medimg.errors import ConfigError
 
-NIH_PATIENT_REGEX = r"^(C\d+)P\d+"
+NIH_PATIENT_REGEX = r"^(C\d+)"  # C33P1thinF_, but also C37BP2_, C1ThinF_, C5thin_ in the real set
 OCT_PATIENT_REGEX = r"^[A-Z]+-(\d+)-\d+"
 NIH_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 NIH_SHA256 = "0a949556b2414159b5100192609805376654c4266d8d187be9b1922fad43c668"

@@ -48,6 +48,9 @@ QUANTIZE_MODES: tuple[str, ...] = ("none", "float16", "int8")
 # makes conversion slower; a deterministic, evenly spaced subset keeps exports reproducible.
 MAX_CALIBRATION_IMAGES = 256
 
+# Dtypes with no TFLite float kernels; a model built under them is exported as float32.
+_HALF = ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+
 # Every .tflite flatbuffer carries this file identifier at bytes 4-8.
 TFLITE_IDENTIFIER = b"TFL3"
 
@@ -70,7 +73,7 @@ def to_tflite(
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix="medimg-tflite-") as tmp:
-        _export_saved_model(model, shape, tmp)
+        _export_saved_model(float32_model(model), shape, tmp)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
         _configure(converter, quantize, calibration)
         try:
@@ -92,6 +95,41 @@ def _input_shape(model: keras.Model) -> tuple[int, int, int]:
         )
     _, h, w, c = (int(d) if d is not None else None for d in inputs[0].shape)
     return (h, w, c)
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """`model` itself, or a float32-policy copy with the same weights if it was built mixed.
+
+    GPU training runs under mixed_float16, and a saved model keeps that per-layer policy; its
+    float16 ops have no TFLite builtin kernels ("'tf.Mul' op is neither a custom op nor a flex
+    op"). Variables are float32 under mixed precision, so the copy is the same function at
+    full precision, and "float16"/"int8" then decide the file's precision explicitly.
+    """
+    config, changed = _float32_config(keras.saving.serialize_keras_object(model))
+    if not changed:
+        return model
+    copy = keras.saving.deserialize_keras_object(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _float32_config(node: Any) -> tuple[Any, bool]:
+    """The serialized model with every half/mixed dtype (policy or tensor) set to float32."""
+    if isinstance(node, list):
+        items = [_float32_config(v) for v in node]
+        return [v for v, _ in items], any(hit for _, hit in items)
+    if not isinstance(node, dict):
+        return node, False
+    if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") in _HALF:
+        return "float32", True
+    out, changed = {}, False
+    for key, value in node.items():
+        if key == "dtype" and isinstance(value, str) and value in _HALF:
+            out[key], hit = "float32", True
+        else:
+            out[key], hit = _float32_config(value)
+        changed = changed or hit
+    return out, changed
 
 
 def _export_saved_model(model: keras.Model, shape: tuple[int, int, int], dest: str) -> None:

@@ -196,7 +196,7 @@ def _ordered_parallel(
 ) -> Iterator[dict[str, Any]]:
     """Map in a thread pool, in archive order, holding only a bounded window of bytes in memory.
 
-    Threads are enough: zlib, PIL's decoders and hashlib release the GIL on image-sized buffers.
+    Threads are enough: PIL's decoders, zlib and hashlib release the GIL while they work.
     """
     window = max(8, workers * 4)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -237,6 +237,7 @@ def build_manifest(
     def row(name: str, data: bytes) -> dict[str, Any]:
         return manifest_row(name, data, cfg, limits, pattern, folders)
 
+    Image.init()  # load every format plugin now, not racing in the first worker threads
     members = ((m.name, data) for m, data in iter_members(archive, limits))
     bar = tqdm(
         _ordered_parallel(row, members, workers),
@@ -273,6 +274,7 @@ def checked_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
     expected = frame["class"].isin(cfg.classes)
     counts = frame.loc[expected, "class"].value_counts()
     class_images = frame["class"].map(counts).where(expected).astype("Int64")
+    frame["known_class"] = frame["class"].where(expected)
     frame["class_images"] = class_images
     frame["class_imbalance"] = (counts.max() / class_images).astype("Float64")
     frame["file"] = frame["path"].map(lambda p: PurePosixPath(p).name).astype("str")
@@ -302,8 +304,9 @@ class Spec:
 def expectation_specs(cfg: ValidateConfig, dataset: str) -> list[Spec]:
     """Every check in report order; all bounds come from params.
 
-    "Exactly the expected classes" is two checks (values in the set, and as many distinct values
-    as the set has): GX's distinct-values-equal-set result breaks its own Data Docs renderer.
+    "Exactly the expected classes" is two checks, one naming extra folders' files, one counting
+    the expected classes present (GX's distinct-values-equal-set result breaks its own Data Docs
+    renderer when it fails).
     """
     (wlo, whi), (hlo, hhi) = cfg.width, cfg.height
     n_classes = len(set(cfg.classes))
@@ -311,7 +314,7 @@ def expectation_specs(cfg: ValidateConfig, dataset: str) -> list[Spec]:
         Spec("classes", "ExpectColumnValuesToBeInSet", "validate.classes",
              {"column": "class", "value_set": list(cfg.classes)}),
         Spec("all classes present", "ExpectColumnUniqueValueCountToBeBetween", "validate.classes",
-             {"column": "class", "min_value": n_classes, "max_value": n_classes}),
+             {"column": "known_class", "min_value": n_classes, "max_value": n_classes}),
         Spec("images per class", "ExpectColumnValuesToBeBetween", "validate.min_per_class",
              {"column": "class_images", "min_value": cfg.min_per_class}),
         Spec("class balance", "ExpectColumnValuesToBeBetween", "validate.max_class_imbalance",
@@ -349,7 +352,7 @@ def build_suite(cfg: ValidateConfig, dataset: str) -> ExpectationSuite:
             for spec in specs
         ],
     )
-    suite.id = stable_id(name)  # set after construction: GX refuses expectations that have ids
+    # Set after construction: GX refuses to build a suite from expectations that have ids.
     for expectation, spec in zip(suite.expectations, specs, strict=True):
         expectation.id = stable_id(name, spec.expectation, spec.kwargs)
     return suite
@@ -371,7 +374,7 @@ def _site_config(gx_dir: Path, docs_dir: Path) -> dict[str, Any]:
         "show_how_to_buttons": False,
         "store_backend": {
             "class_name": "TupleFilesystemStoreBackend",
-            "base_directory": PurePosixPath(Path(rel)).as_posix() + "/",
+            "base_directory": Path(rel).as_posix() + "/",
         },
         "site_index_builder": {
             "class_name": "DefaultSiteIndexBuilder",
@@ -425,13 +428,13 @@ def save_suite(context: AbstractDataContext, suite: ExpectationSuite) -> Expecta
     GX gives every expectation of a newly added suite a random id, so a new suite is first
     added empty; the update that follows keeps the ids we set.
     """
-    from great_expectations import ExpectationSuite
+    import great_expectations as gx
     from great_expectations.exceptions import DataContextError
 
     try:
         context.suites.get(suite.name)
     except DataContextError:
-        context.suites.add(ExpectationSuite(name=suite.name))
+        context.suites.add(gx.ExpectationSuite(name=suite.name))
     return context.suites.add_or_update(suite)
 
 
@@ -489,7 +492,7 @@ def failure_examples(
         return [f"{r['path']}: {errors.get(r['path'])}" for r in rows[:limit]]
     if rows:
         return [f"{r['path']} ({column} = {_short(r.get(column))})" for r in rows[:limit]]
-    if column == "class":  # the distinct-count check: name what is missing
+    if column == "known_class":  # the distinct-count check: name what is missing
         present = set(frame["class"])
         return [f"missing class {c!r}" for c in classes if c not in present][:limit]
     return []
@@ -503,6 +506,7 @@ def _failure(res: Any, frame: pd.DataFrame, classes: Collection[str]) -> dict[st
     rows = result.get("unexpected_index_list") or []
     exception = (res.exception_info or {}).get("exception_message")
     observed = result.get("observed_value")
+    unexpected = result.get("unexpected_count")
     examples = (
         [f"error: {exception}"] if exception else failure_examples(column, result, frame, classes)
     )
@@ -511,7 +515,7 @@ def _failure(res: Any, frame: pd.DataFrame, classes: Collection[str]) -> dict[st
         "param": meta.get("param"),
         "expectation": config.type,
         "column": column,
-        "unexpected": result.get("unexpected_count"),
+        "unexpected": None if unexpected is None else int(unexpected),
         "observed": None if observed is None else _short(observed),
         "examples": examples,
         "flagged": sorted({r["path"] for r in rows}),
