@@ -39,7 +39,8 @@ def keras_cache_dir() -> Path:
     """The folder keras.applications looks in: `$KERAS_HOME/models`, else `~/.keras/models`.
 
     Mirrors keras' own fallbacks (an unwritable home or KERAS_HOME makes it use /tmp/.keras),
-    so a file reported as present is the one keras will actually find.
+    so a file reported as present is the one keras will actually find. Keras reads KERAS_HOME
+    once, when it is imported: set it in the environment before the process starts.
     """
     home = os.environ.get("KERAS_HOME")
     if not home:
@@ -118,7 +119,7 @@ def imagenet_base(
         if resolved is None:
             raise
         source = (
-            f"cached {keras_cache_dir() / IMAGENET_FILES[arch]} (corrupt or partial?)"
+            f"the Keras cache ({keras_cache_dir() / IMAGENET_FILES[arch]}; corrupt or partial?)"
             if resolved == "imagenet"
             else resolved
         )

@@ -1,0 +1,101 @@
+"""End to end: `dvc repro` on a temp copy of this repo, then the gate, a no-op and a failed gate.
+
+Sizes are shrunk (a small synthetic set, the `tiny` model, 2 epochs) so the whole suite stays
+within minutes on 2 cores; every stage, DVC and MLflow call is the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def _sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "TF_CPP_MIN_LOG_LEVEL": "3", "GIT_PYTHON_REFRESH": "quiet"}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("mlruns/", "data/", "models/", "reports/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+
+
+def _shrink(params_file: Path, **gate) -> None:
+    params = yaml.safe_load(params_file.read_text())
+    params["dataset"]["synthetic"].update({"patients": 16})
+    params["validate"]["min_per_class"] = 10
+    params["train"].update({"architectures": ["tiny", "compact_cnn"], "epochs": 2,
+                            "overrides": {"compact_cnn": {"image_size": 32}}})
+    params["evaluate"].update({"bootstrap": 100, "gradcam_examples": 2,
+                               "representative_samples": 16, "benchmark_images": 16})
+    params["gate"].update({"min_accuracy": 0.0, **gate})
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _champion(repo: Path) -> str | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlruns/mlflow.db")
+    try:
+        return str(client.get_model_version_by_alias("malaria-classifier", "champion").version)
+    except MlflowException:
+        return None
+
+
+def test_dvc_repro_end_to_end_then_gate_noop_and_failed_gate(tmp_path):
+    repo = tmp_path / "repo"
+    _copy_repo(repo)
+    _shrink(repo / "params.yaml")
+
+    _sh(["dvc", "repro"], repo)
+    metrics = _sh(["dvc", "metrics", "show", "--json"], repo).stdout
+    for arch in ("tiny", "compact_cnn"):
+        assert f"reports/eval/{arch}.json" in metrics
+        assert (repo / "models" / arch / "model.keras").exists()
+    assert (repo / "reports" / "compare.md").read_text().count("| tiny |") == 1
+    assert _champion(repo) == "1"
+    assert _sh(["medimg", "gate"], repo).returncode == 0
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlruns/mlflow.db")
+    model = mlflow.pyfunc.load_model("models:/malaria-classifier@champion")
+    assert model is not None
+
+    t0 = time.perf_counter()
+    noop = _sh(["dvc", "repro"], repo)
+    assert "Running stage" not in noop.stdout
+    assert time.perf_counter() - t0 < 30  # the bench measures the ≤3 s goal; this is a guard
+
+    _shrink(repo / "params.yaml", min_accuracy=0.999)
+    _sh(["dvc", "repro"], repo)
+    gate = _sh(["medimg", "gate"], repo, check=False)
+    assert gate.returncode == 1 and "FAIL" in gate.stdout
+    assert _champion(repo) == "1"
