@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import png_bytes, tiny_params, write_split_dir
 from PIL import Image
 
+from conftest import png_bytes, tiny_params, write_split_dir
 from medimg import cli, tracking
 from medimg.predict import (
     ImageInputError,
@@ -31,6 +31,9 @@ from medimg.predict import (
     prepare,
     result_frame,
 )
+
+# MLflow asks for type hints on the serving model's `predict`; see medimg.tracking for why not.
+pytestmark = pytest.mark.filterwarnings("ignore:.*Add type hints")
 
 NAME = "malaria-classifier"
 CLASSES = ["Uninfected", "Parasitized"]
@@ -106,12 +109,21 @@ def test_collect_paths_walks_folders_expands_globs_and_reports_missing(tmp_path)
     g1, g2 = image_file(tmp_path / "g" / "1.png", seed=1), image_file(tmp_path / "g" / "2.png")
 
     files, problems = collect_paths(
-        [str(a), str(tmp_path / "cells"), str(tmp_path / "g" / "*.png"), str(notes), str(a),
-         str(tmp_path / "missing.png"), str(tmp_path / "nothing" / "*.png")]
+        [
+            str(a),
+            str(tmp_path / "cells"),
+            str(tmp_path / "g" / "*.png"),
+            str(notes),
+            str(a),
+            str(tmp_path / "missing.png"),
+            str(tmp_path / "nothing" / "*.png"),
+        ]
     )
     assert files == [a, nested, g1, g2, notes]  # folder walk skips .txt and hidden; no dupes
-    assert problems == [(str(tmp_path / "missing.png"), "no such file or directory"),
-                        (str(tmp_path / "nothing" / "*.png"), "no such file or directory")]
+    assert problems == [
+        (str(tmp_path / "missing.png"), "no such file or directory"),
+        (str(tmp_path / "nothing" / "*.png"), "no such file or directory"),
+    ]
     recursive, _ = collect_paths([str(tmp_path / "**" / "*.png")])
     assert set(recursive) == {a, g1, g2}  # `**` crosses folders but not into hidden ones
 
@@ -202,8 +214,13 @@ def test_formats():
     assert table[0].split() == ["path", "class", "probability", "p_Parasitized", "threshold"]
     assert table[2].split() == ["dir/b.png", "Uninfected", "0.8000", "0.2000", "0.5000"]
     records = json.loads(format_rows(frame, "json"))
-    assert records[0] == {"path": "a.png", "class": "Parasitized", "probability": 0.9,
-                          "p_Parasitized": 0.9, "threshold": 0.5}
+    assert records[0] == {
+        "path": "a.png",
+        "class": "Parasitized",
+        "probability": 0.9,
+        "p_Parasitized": 0.9,
+        "threshold": 0.5,
+    }
     assert pd.read_csv(io.StringIO(format_rows(frame, "csv"))).shape == (2, 5)
 
 
@@ -212,8 +229,11 @@ def test_formats():
 
 def test_predict_reports_broken_files_and_predicts_the_rest(reg, tmp_path, capsys):
     folder = tmp_path / "cells"
-    good = [image_file(folder / "rgb.png", seed=1), image_file(folder / "sub" / "grey.png", "L"),
-            image_file(folder / "sub" / "alpha.png", "RGBA", size=50)]
+    good = [
+        image_file(folder / "rgb.png", seed=1),
+        image_file(folder / "sub" / "grey.png", "L"),
+        image_file(folder / "sub" / "alpha.png", "RGBA", size=50),
+    ]
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out.csv"
 
@@ -221,7 +241,7 @@ def test_predict_reports_broken_files_and_predicts_the_rest(reg, tmp_path, capsy
     assert code == 1
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if line.startswith("error:")] == [
-        f"error: {folder / 'broken.png'}: not an image file PIL can read"
+        f"error: {folder / 'broken.png'}: corrupt image (Truncated File Read)"
     ]
     frame = pd.read_csv(out)
     assert sorted(frame["path"]) == sorted(str(p) for p in good)
@@ -254,13 +274,22 @@ def test_predict_without_paths_exits_2(reg, tmp_path, capsys):
 def test_model_specs_resolve_to_the_same_model(reg, tmp_path, capsys):
     image = image_file(tmp_path / "cell.png", seed=7)
     keras_file = str(reg.params.paths.model_file("tiny"))
-    specs = ["champion", reg.version, reg.run_id, reg.uri, f"models:/{NAME}@champion",
-             f"models:/{NAME}/{reg.version}", keras_file]
+    specs = [
+        "champion",
+        reg.version,
+        reg.run_id,
+        reg.uri,
+        f"runs:/{reg.run_id}/classifier",
+        f"models:/{NAME}@champion",
+        f"models:/{NAME}/{reg.version}",
+        keras_file,
+    ]
     probs = set()
     for spec in specs:
         assert medimg(reg, "predict", str(image), "--model", spec, "--format", "csv") == 0, spec
-        probs.add(round(float(pd.read_csv(io.StringIO(capsys.readouterr().out))
-                              ["p_Parasitized"][0]), 6))
+        probs.add(
+            round(float(pd.read_csv(io.StringIO(capsys.readouterr().out))["p_Parasitized"][0]), 6)
+        )
     assert len(probs) == 1
 
     assert medimg(reg, "predict", str(image), "--model", "challenger") == 1
@@ -323,8 +352,9 @@ def test_export_none_writes_the_default_file_and_logs_to_the_run(reg, capsys):
 
 def test_export_int8_of_a_keras_file(reg, separating_model, tmp_path, capsys):
     out = tmp_path / "edge" / "model_int8.tflite"
-    code = medimg(reg, "export", "--quantize", "int8", "--model", str(separating_model),
-                  "-o", str(out))
+    code = medimg(
+        reg, "export", "--quantize", "int8", "--model", str(separating_model), "-o", str(out)
+    )
     assert code == 0
     assert out.read_bytes()[4:8] == b"TFL3"
     text = capsys.readouterr().out
@@ -332,8 +362,7 @@ def test_export_int8_of_a_keras_file(reg, separating_model, tmp_path, capsys):
     assert "not logged" in text  # a plain .keras file has no MLflow run
 
 
-def test_export_parity_failure_exits_nonzero_with_the_agreement(reg, tmp_path, monkeypatch,
-                                                              capsys):
+def test_export_parity_failure_exits_nonzero_with_the_agreement(reg, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("medimg.export.agreement", lambda *a, **k: 0.9375)
     out = tmp_path / "never.tflite"
     code = medimg(reg, "export", "--quantize", "none", "-o", str(out))

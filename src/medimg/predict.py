@@ -622,14 +622,16 @@ MIN_AGREEMENT = 0.99
 
 
 def export_path(params: Params, clf: Classifier, quantize: str) -> Path:
-    """`models/export/<name>-v<version>-<quantize>.tflite` (run id or file stem otherwise)."""
+    """`models/export/<name>-v<version>-<quantize>.tflite`; for a run `run-<id8>-...`, for a
+    file its stem (`models/<arch>/model.keras` → `<arch>-...`)."""
     info = clf.info
     if info.get("name") and info.get("version"):
         stem = f"{info['name']}-v{info['version']}"
     elif info.get("run_id"):
         stem = f"run-{info['run_id'][:8]}"
     else:
-        stem = Path(info.get("keras_path", "model")).stem
+        path = Path(info.get("keras_path", "model"))
+        stem = path.parent.name if path.stem == "model" and path.parent.name else path.stem
     return Path(params.paths.models) / "export" / f"{stem}-{quantize}.tflite"
 
 
@@ -660,7 +662,7 @@ def export_edge(params: Params, clf: Classifier, quantize: str) -> tuple[bytes, 
     if quantize == "int8":
         x_train, _ = _split_arrays(params, "train", clf.size)
         calibration = representative(x_train, params.evaluate.representative_samples, params.seed)
-    content = E.to_tflite(clf.model, quantize, representative=calibration)  # type: ignore[arg-type]
+    content = E.to_tflite(clf.model, quantize, representative=calibration)
     lite = np.asarray(E.TFLiteModel(content, threads=1).predict(x_test, batch_size=64), np.float64)
     lite = lite[:, 0] if lite.ndim == 2 and lite.shape[1] == 1 else lite
     keras_probs = probabilities(clf.model, x_test)

@@ -244,3 +244,266 @@ def download_run_artifact(run_id: str, path: str, dest: str | Path) -> Path | No
     except (MlflowException, OSError):
         return None
     return Path(local)
+
+
+# ----------------------------------------------------------------------- serving model (pyfunc)
+# The registered model that `mlflow models serve` and `mlflow.pyfunc.load_model` use, and how
+# `medimg predict/explain/export` find a model's `.keras` file from an alias, version or run.
+# The `.keras` file is an artifact of the pyfunc and is loaded with safe_mode=True; decoding and
+# scoring are `medimg.predict.serving_predict`, so the wrapper only adapts MLflow's interface.
+
+SERVING_MODEL_NAME = "classifier"
+SERVING_ALIASES = ("champion", "challenger", "previous")
+
+
+def log_serving_model(
+    keras_path: Path,
+    classes: list[str],
+    image_size: int,
+    threshold: float = 0.5,
+    input_example: np.ndarray | None = None,
+) -> str:
+    """Log, in the active run, the pyfunc `classifier` that serves `keras_path`; returns its URI.
+
+    It takes base64 PNG/JPEG in a DataFrame (`image` column) or raw (N, H, W, 3) pixels, so no
+    input schema is set (one would reject the other kind); its only signature entry is the
+    optional request parameter `threshold`. `input_example` (raw pixels) is stored as base64
+    PNGs, the request format most clients will copy. Requirements are pinned (`_requirements`),
+    so MLflow neither infers them in a subprocess nor validates the example by serving it.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    signature = ModelSignature(params=ParamSchema([ParamSpec("threshold", "double", threshold)]))
+    config = {"classes": list(classes), "image_size": int(image_size), "threshold": threshold}
+    with _no_type_hint_warning():
+        info = mlflow.pyfunc.log_model(
+            name=SERVING_MODEL_NAME,
+            python_model=_serving_model_class()(),
+            artifacts={"keras_model": str(keras_path)},
+            model_config=config,
+            signature=signature,
+            input_example=_serving_example(input_example),
+            pip_requirements=[*_requirements(), *_serving_requirements()],
+        )
+    return info.model_uri
+
+
+def _serving_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return [f"pandas=={version('pandas')}"]
+    except PackageNotFoundError:
+        return []
+
+
+def _serving_example(images: np.ndarray | None) -> Any:
+    """Up to two example images as the DataFrame of base64 PNGs a client would send."""
+    if images is None or len(images) == 0:
+        return None
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    encoded = []
+    for image in np.asarray(images)[:2]:
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8)).save(buf, format="PNG")
+        encoded.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return pd.DataFrame({"image": encoded})
+
+
+_SERVING_CLASS: list[type] = []
+
+
+def _serving_model_class() -> type:
+    """The PythonModel subclass, built on first use so importing this module imports no mlflow.
+
+    Defined in a function, cloudpickle stores it by value in the logged model; its methods
+    call `medimg.predict` and `medimg.evaluation` by name, so the serving environment needs
+    medimg installed (`--env-manager local`, or the package on the image).
+    """
+    if _SERVING_CLASS:
+        return _SERVING_CLASS[0]
+    import mlflow
+
+    with _no_type_hint_warning():
+        _SERVING_CLASS.append(_define_serving_class(mlflow.pyfunc.PythonModel))
+    return _SERVING_CLASS[0]
+
+
+@contextmanager
+def _no_type_hint_warning() -> Iterator[None]:
+    """MLflow asks for type hints on `predict`; they are absent on purpose (see below)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+        yield
+
+
+def _define_serving_class(base: type) -> type:
+    class MedimgClassifier(base):
+        """Keras image classifier: base64 images or pixel arrays in, class + probability out."""
+
+        def load_context(self, context: Any) -> None:
+            from medimg.evaluation import load_model
+
+            self.model = load_model(context.artifacts["keras_model"])
+            config = context.model_config or {}
+            self.classes = list(config["classes"])
+            self.size = int(config["image_size"])
+            self.threshold = float(config.get("threshold", 0.5))
+
+        # No type hints on purpose: MLflow would derive an input schema from them and reject
+        # one of the two input kinds.
+        def predict(self, context, model_input, params=None):
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            from medimg.predict import serving_predict
+
+            threshold = float((params or {}).get("threshold", self.threshold))
+            try:
+                return serving_predict(self.model, model_input, self.classes, self.size, threshold)
+            except ValueError as err:  # ImageInputError: the request, not the model, is wrong
+                raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+
+    return MedimgClassifier
+
+
+def resolve_model(spec: str, name: str, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """The `.keras` file behind `spec`, downloaded under `dest`, and what the registry says.
+
+    `spec`: an alias of `name` (champion, challenger, previous, or any other), a version
+    number, a `models:/` URI, `runs:/<run_id>/<model>` or a bare run id (that run's logged
+    model, `classifier` preferred). Works for the pyfunc serving model (the `.keras` artifact)
+    and for the Keras flavour (`data/model.keras`). The info has `model_uri`, `name`,
+    `version`, `run_id`, `tags`, the version's `operating_threshold` when tagged, and the
+    serving model's `classes`/`threshold` when it is one.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from medimg.errors import MedimgError
+
+    uri, info = _model_source(spec, name)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except (MlflowException, OSError) as err:
+        raise MedimgError(f"model {spec!r} ({uri}): cannot download: {_first_line(err)}") from None
+    keras_files = sorted(local.rglob("*.keras")) if local.is_dir() else [local]
+    keras_files = [p for p in keras_files if p.suffix == ".keras"]
+    if not keras_files:
+        raise MedimgError(f"model {spec!r} ({uri}) holds no .keras file")
+    info |= _serving_config(local)
+    threshold = info.get("tags", {}).get("operating_threshold")
+    if threshold is not None:
+        info["operating_threshold"] = float(threshold)
+    return keras_files[0], {**info, "spec": spec, "model_uri": uri}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _model_source(spec: str, name: str) -> tuple[str, dict[str, Any]]:
+    """(download URI, registry info) for a `--model` spec; a one-line error if unknown."""
+    import re
+
+    if spec.startswith("models:/"):
+        return spec, _models_uri_info(spec)
+    if spec.startswith("runs:/"):
+        return spec, {"run_id": spec.removeprefix("runs:/").split("/")[0], "tags": {}}
+    if re.fullmatch(r"[0-9a-f]{32}", spec):
+        return _run_model_uri(spec), {"run_id": spec, "tags": {}}
+    if spec.isdigit():
+        return f"models:/{name}/{spec}", _version(name, spec, None)
+    return f"models:/{name}@{spec}", _version(name, None, spec)
+
+
+def _models_uri_info(uri: str) -> dict[str, Any]:
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return _version(name, None, alias)
+    parts = rest.split("/")
+    if len(parts) == 2 and parts[1].isdigit():
+        return _version(parts[0], parts[1], None)
+    return _logged_model_info(rest)  # models:/m-<id>: a logged model, maybe unregistered
+
+
+def _logged_model_info(model_id: str) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    from medimg.errors import MedimgError
+
+    try:
+        logged = _client().get_logged_model(model_id)
+    except MlflowException as err:
+        raise MedimgError(f"model {model_id}: {_first_line(err)}") from None
+    return {"run_id": logged.source_run_id, "tags": {}}
+
+
+def _version(name: str, version: str | None, alias: str | None) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    from medimg.errors import MedimgError
+
+    try:
+        client = _client()
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except MlflowException as err:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        hint = "; run `dvc repro register`" if alias in SERVING_ALIASES else ""
+        raise MedimgError(f"{name}: no {what} ({_first_line(err)}){hint}") from None
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "run_id": mv.run_id,
+        "tags": dict(mv.tags),
+        "aliases": list(mv.aliases),
+    }
+
+
+def _run_model_uri(run_id: str) -> str:
+    """`models:/<id>` of the run's logged model: the serving `classifier`, else the newest."""
+    from mlflow.exceptions import MlflowException
+
+    from medimg.errors import MedimgError
+
+    client = _client()
+    try:
+        experiment = client.get_run(run_id).info.experiment_id
+        models = list(
+            client.search_logged_models(
+                experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
+            )
+        )
+    except MlflowException as err:
+        raise MedimgError(f"run {run_id}: {_first_line(err)}") from None
+    if not models:
+        raise MedimgError(f"run {run_id}: no logged model")
+    models.sort(key=lambda m: (m.name == SERVING_MODEL_NAME, m.creation_timestamp))
+    return f"models:/{models[-1].model_id}"
+
+
+def _serving_config(local: Path) -> dict[str, Any]:
+    """`classes`, `image_size`, `threshold` of a downloaded serving model ({} for others)."""
+    from mlflow.models import Model
+
+    mlmodel = local / "MLmodel"
+    if not mlmodel.exists():
+        return {}
+    flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
+    config = flavor.get("config") or {}  # where pyfunc keeps `model_config`
+    return {k: config[k] for k in ("classes", "image_size", "threshold") if k in config}

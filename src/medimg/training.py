@@ -78,6 +78,14 @@ def check_architectures(params: Params) -> None:
             raise ConfigError(f"params.yaml: train.overrides.{arch}: unknown architecture")
 
 
+def _model_kwargs(plan: TrainPlan) -> dict[str, Any]:
+    """Builder params; `weights` only for ImageNet families (from-scratch models have none)."""
+    from medimg.models import get_spec
+
+    extra = {"weights": plan.weights} if get_spec(plan.arch).pretrained else {}
+    return {**extra, **plan.model_params}
+
+
 def make_optimizer(plan: TrainPlan, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """SGD+momentum 0.9 (seed 000), Adam, RMSprop; 'poly' = linear decay to 0 (power 1)."""
     lr: Any = plan.learning_rate
@@ -244,7 +252,7 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
 
     with strategy.scope():
         shape = (plan.image_size, plan.image_size, 3)
-        model = build_model(arch, shape, num_classes, weights=plan.weights, **plan.model_params)
+        model = build_model(arch, shape, num_classes, **_model_kwargs(plan))
         trainer = with_augmentation(model, build_augmenter(params.train.augment, params.seed))
         compile_model(trainer, plan, num_classes, steps, params.train.xla)
 

@@ -129,6 +129,16 @@ def test_compact_cnn_is_under_1mb_and_reloads_safely(tmp_path: Path) -> None:
     )
 
 
+def test_compact_cnn_signal_survives_inference_mode_bn() -> None:
+    """Regression: with Keras' default Glorot init the depthwise outputs were ~C times too small,
+    so inference-mode BN (stale moving variance) shrank the signal at every block and all
+    validation predictions collapsed to one constant; the GAP features were ~1e-6."""
+    keras.utils.set_random_seed(0)
+    model = zoo.build_model("compact_cnn", (64, 64, 3), 2)
+    features = keras.Model(model.input, model.get_layer("gap").output)
+    assert float(np.mean(features(raw_pixels(4, 64), training=False))) > 1e-3
+
+
 def test_compact_cnn_accepts_larger_inputs_and_a_width_multiplier() -> None:
     model = zoo.build_model("compact_cnn", (96, 128, 3), 3, width=0.5, se=False)
     assert model(raw_pixels(1, 96, 128), training=False).shape == (1, 3)
