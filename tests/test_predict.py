@@ -32,9 +32,6 @@ from medimg.predict import (
     result_frame,
 )
 
-# MLflow asks for type hints on the serving model's `predict`; see medimg.tracking for why not.
-pytestmark = pytest.mark.filterwarnings("ignore:.*Add type hints")
-
 NAME = "malaria-classifier"
 CLASSES = ["Uninfected", "Parasitized"]
 

@@ -25,10 +25,6 @@ import pytest
 from conftest import png_bytes, shared_file
 from test_predict import CLASSES, NAME, train_and_register
 
-# MLflow asks for type hints on `predict` when it re-creates the wrapper class; they are left
-# out on purpose (they would become an input schema that rejects one of the two input kinds).
-pytestmark = pytest.mark.filterwarnings("ignore:.*Add type hints")
-
 CHAMPION = f"models:/{NAME}@champion"
 
 
