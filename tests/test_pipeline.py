@@ -89,6 +89,8 @@ def test_dvc_repro_end_to_end_then_gate_noop_and_failed_gate(tmp_path):
     model = mlflow.pyfunc.load_model("models:/malaria-classifier@champion")
     assert model is not None
 
+    _check_ui_server(repo, archs=("tiny", "compact_cnn"))
+
     t0 = time.perf_counter()
     noop = _sh(["dvc", "repro"], repo)
     assert "Running stage" not in noop.stdout
@@ -99,3 +101,48 @@ def test_dvc_repro_end_to_end_then_gate_noop_and_failed_gate(tmp_path):
     gate = _sh(["medimg", "gate"], repo, check=False)
     assert gate.returncode == 1 and "FAIL" in gate.stdout
     assert _champion(repo) == "1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_ui_server(repo: Path, archs: tuple[str, ...]) -> None:
+    """`mlflow server` on our store: its REST API shows every run's test metrics and the alias."""
+    import requests
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{repo}/mlruns/mlflow.db",
+         "--workers", "1"],
+        cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        exp = requests.get(f"{base}/experiments/get-by-name",
+                           params={"experiment_name": "medimg-malaria"}, timeout=10).json()
+        runs = requests.post(f"{base}/runs/search", timeout=10, json={
+            "experiment_ids": [exp["experiment"]["experiment_id"]]}).json()["runs"]
+        by_name = {r["info"]["run_name"]: r for r in runs}
+        assert set(archs) <= set(by_name)
+        for arch in archs:
+            metrics = {m["key"] for m in by_name[arch]["data"]["metrics"]}
+            assert {"test_accuracy", "test_sensitivity", "val_accuracy"} <= metrics, arch
+        alias = requests.get(f"{base}/registered-models/alias", timeout=10,
+                             params={"name": "malaria-classifier", "alias": "champion"}).json()
+        assert alias["model_version"]["version"] == "1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
