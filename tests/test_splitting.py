@@ -102,3 +102,47 @@ def test_out_of_range_fraction_names_the_key():
         parse_params({"split": {"fractions": {"train": 0.5, "val": 0.1, "test": 1.4}}})
     with pytest.raises(ConfigError, match=r"split\.fractions: .*must be 1"):
         parse_params({"split": {"fractions": {"train": 0.5, "val": 0.1, "test": 0.1}}})
+
+
+REAL = {
+    "malaria/cell_images_dev.zip": ({}, 6000, 140),
+    "malaria/cell_images_fullres.zip": ({"min_per_class": 50}, 200, 7),
+    "oct/OCT2017_sample.tar.gz": (
+        {"classes": ["CNV", "DME", "DRUSEN", "NORMAL"], "modes": ["L"], "formats": ["JPEG"],
+         "min_per_class": 8},
+        32,
+        None,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("archive", sorted(REAL))
+def test_real_archive_goes_through_download_validate_split(archive, tmp_path):
+    from conftest import shared_file, tiny_params
+
+    from medimg.download import run as download
+    from medimg.io import read_json
+    from medimg.splitting import run as split_run
+    from medimg.validation import run as validate
+
+    path = shared_file(archive)
+    overrides, n_images, n_patients = REAL[archive]
+    params = tiny_params(
+        tmp_path,
+        dataset={"source": "local", "path": str(path),
+                 "name": "oct2017" if "oct" in archive else "malaria"},
+        validate=overrides,
+    )
+    download(params, progress=False)
+    summary = validate(params)
+    assert summary["valid"] == n_images
+    if n_patients:
+        assert summary["patients"] == n_patients
+    split_run(params)
+    frame = pd.read_parquet(params.paths.split_manifest)
+    assert len(frame) == n_images
+    assert frame.groupby("patient")["split"].nunique().max() == 1  # no patient in two splits
+    info = read_json(params.paths.classes_json)
+    assert sum(info["images"].values()) == n_images
+    assert info["classes"] == list(params.validate_cfg.classes)

@@ -51,7 +51,10 @@ def _one_fold(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split off ~`fraction` of the rows as whole groups, keeping class ratios close."""
     n_groups = len(np.unique(groups))
-    n_splits = max(2, min(round(1.0 / fraction), n_groups))
+    smallest_class = np.bincount(labels).min(initial=len(labels), where=np.bincount(labels) > 0)
+    # Tiny sets (e.g. 8 images a class) cannot have more folds than a class has members: the
+    # held-out share then rounds up (1/6 instead of 1/8), never a patient split in two.
+    n_splits = max(2, min(round(1.0 / fraction), n_groups, smallest_class))
     if n_groups < 2:
         raise DataError(f"cannot split {len(labels)} images of a single patient/group")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
