@@ -47,10 +47,14 @@ def test_one_epoch_run_is_tracked_and_its_model_loads(split_params):
     import mlflow
 
     mlflow.set_tracking_uri(split_params.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model(result["model_uri"])
     raw = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    pred = np.asarray(model.predict(raw))
+    keras_flavour = mlflow.pyfunc.load_model(result["keras_model_uri"])
+    pred = np.asarray(keras_flavour.predict(raw))
     assert pred.shape == (3, 1) and ((pred >= 0) & (pred <= 1)).all()
+    served = mlflow.pyfunc.load_model(result["model_uri"]).predict(raw)
+    expected = ["Parasitized" if p >= 0.5 else "Uninfected" for p in pred[:, 0]]
+    assert list(served["class"]) == expected
+    np.testing.assert_allclose(served["p_Parasitized"], pred[:, 0], atol=1e-5)
     assert read_json(paths.train_run("tiny"))["run_id"] == result["run_id"]
 
 

@@ -136,9 +136,16 @@ def _champion_state(name: str, fingerprint: str, tmp: Path) -> tuple[dict | None
     return state, csv
 
 
-def _version_tags(arch: str, report: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+def _version_tags(params: Params, arch: str, report: dict[str, Any], fingerprint: str) -> dict:
+    """What `medimg gate` and `medimg predict` read back: test figures and the threshold
+    chosen on validation for `evaluate.target_sensitivity`."""
     tags = {"architecture": arch, "dataset_fingerprint": fingerprint}
     tags |= {f"test_{k}": report[k] for k in (*GATED, "roc_auc") if report.get(k) is not None}
+    details = params.paths.eval_reports(arch) / "details.json"
+    if details.exists():
+        point = read_json(details).get("operating_point")
+        if point:
+            tags["operating_threshold"] = point["threshold"]
     return tags
 
 
@@ -158,7 +165,7 @@ def run(params: Params) -> dict[str, Any]:
         champion, champ_csv = _champion_state(name, fingerprint, Path(tmp))
         paired = paired_test(paths.eval_predictions(best), champ_csv)
     version = tracking.register_version(run_info["model_uri"], name,
-                                        _version_tags(best, reports[best], fingerprint))
+                                        _version_tags(params, best, reports[best], fingerprint))
     tracking.set_alias(name, "challenger", version)
     decision = decide(reports[best], champion, paired, params.gate)
     if decision["passed"]:

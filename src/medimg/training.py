@@ -329,10 +329,16 @@ def _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id) ->
     tracking.log_artifact(reports / "learning_curves.png", "plots")
     tracking.log_artifact(reports / "history.csv", "history")
     tracking.log_text("\n".join(summary), "model_summary.txt")
-    model_uri = tracking.log_keras_model(model, _example_batch(val_ds))
-    run_info = {
+    example = _example_batch(val_ds)
+    keras_uri = tracking.log_keras_model(model, example)
+    classes = read_json(paths.classes_json)["classes"]
+    serving_uri = tracking.log_serving_model(
+        model_file, classes, plan.image_size, threshold=0.5, input_example=example
+    )
+    run_info = {  # model_uri: the pyfunc that register promotes and `mlflow models serve` runs
         "run_id": run_id,
-        "model_uri": model_uri,
+        "model_uri": serving_uri,
+        "keras_model_uri": keras_uri,
         "architecture": plan.arch,
         "image_size": plan.image_size,
         "plan": asdict(plan),
