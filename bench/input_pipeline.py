@@ -23,8 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_ZIP = REPO.parent / "shared" / "data" / "malaria" / "cell_images_dev.zip"
@@ -47,11 +47,13 @@ def prepare(zip_path: Path, work: Path, limit: int):
     from medimg.validation import run as validate
 
     paths = {k: str(work / k) for k in ("raw", "validated", "split", "reports", "gx")}
-    params = parse_params({
-        "dataset": {"source": "local", "path": str(zip_path)},
-        "validate": {"patient_regex": r"^(C\d+)"},
-        "paths": paths,
-    })
+    params = parse_params(
+        {
+            "dataset": {"source": "local", "path": str(zip_path)},
+            "validate": {"patient_regex": r"^(C\d+)"},
+            "paths": paths,
+        }
+    )
     for stage in (download, validate, split):
         stage(params)
     folder = work / "png"
@@ -85,11 +87,20 @@ def pipeline_vs_generator(params, folder: Path, n: int, size: int) -> list[list[
     ds = ds.map(lambda x, y: (aug(x, training=True), y))
     first = time_iter(ds, n)
     steady = time_iter(ds, n)
-    gen = ImageDataGenerator(rescale=1 / 255, rotation_range=20, zoom_range=0.05,
-                             width_shift_range=0.05, height_shift_range=0.05, shear_range=0.05,
-                             horizontal_flip=True, vertical_flip=True, fill_mode="nearest")
-    flow = gen.flow_from_directory(str(folder), target_size=(size, size), batch_size=32,
-                                   class_mode="binary", seed=0)
+    gen = ImageDataGenerator(
+        rescale=1 / 255,
+        rotation_range=20,
+        zoom_range=0.05,
+        width_shift_range=0.05,
+        height_shift_range=0.05,
+        shear_range=0.05,
+        horizontal_flip=True,
+        vertical_flip=True,
+        fill_mode="nearest",
+    )
+    flow = gen.flow_from_directory(
+        str(folder), target_size=(size, size), batch_size=32, class_mode="binary", seed=0
+    )
     base = time_iter(flow, n)
     return [
         ["ImageDataGenerator.flow_from_directory", f"{base:,.0f}", "1.0×"],
@@ -109,8 +120,9 @@ def fit_ratio(params, arch: str, size: int, limit: int) -> list[str]:
     ds = ds.take(len(x) // 32)
 
     def rate(data, **kw) -> float:
-        model = with_augmentation(build_model(arch, (size, size, 3), 2),
-                                  build_augmenter(params.train.augment, 0))
+        model = with_augmentation(
+            build_model(arch, (size, size, 3), 2), build_augmenter(params.train.augment, 0)
+        )
         model.compile("adam", "binary_crossentropy")
         model.fit(data, epochs=1, verbose=0, **kw)  # warm-up: tracing, cache fill
         t0 = time.perf_counter()
@@ -132,8 +144,13 @@ def zoo_row(arch: str, work: Path) -> list[str]:
     model.save(path)
     x = np.random.default_rng(0).uniform(0, 255, (32, size, size, 3)).astype("float32")
     ips = images_per_second(model.predict_on_batch, x, batch_size=32, min_seconds=2.0)
-    return [arch, str(size), f"{model.count_params():,}", f"{path.stat().st_size / 1e6:.2f}",
-            f"{ips:,.0f}"]
+    return [
+        arch,
+        str(size),
+        f"{model.count_params():,}",
+        f"{path.stat().st_size / 1e6:.2f}",
+        f"{ips:,.0f}",
+    ]
 
 
 def main() -> None:
@@ -153,17 +170,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         params, folder, n = prepare(args.zip, Path(tmp), args.limit)
         rows = pipeline_vs_generator(params, folder, n, args.size)
-        table(f"1. input pipeline, {n} real cells at {args.size}px, batch 32, same augmentation",
-              ["pipeline", "images/s", "speed-up"], rows)
+        table(
+            f"1. input pipeline, {n} real cells at {args.size}px, batch 32, same augmentation",
+            ["pipeline", "images/s", "speed-up"],
+            rows,
+        )
         rows = [fit_ratio(params, a, args.size, args.limit) for a in defaults]
-        table(f"2. fit images/s at {args.size}px: tf.data pipeline vs in-memory tensors (goal ≥0.9)",
-              ["architecture", "pipeline", "in-memory", "ratio"], rows)
+        table(
+            f"2. fit images/s at {args.size}px: tf.data pipeline vs in-memory tensors (goal ≥0.9)",
+            ["architecture", "pipeline", "in-memory", "ratio"],
+            rows,
+        )
         if not args.skip_zoo:
             from medimg.models import list_models
 
             rows = [zoo_row(a, Path(tmp)) for a in list_models()]
-            table("3. model zoo at each recipe's size: params, .keras size, CPU inference (batch 32)",
-                  ["architecture", "px", "params", ".keras MB", "images/s"], rows)
+            table(
+                "3. model zoo at each recipe's size: params, .keras size, CPU inference (batch 32)",
+                ["architecture", "px", "params", ".keras MB", "images/s"],
+                rows,
+            )
     sys.stdout.flush()
 
 

@@ -78,7 +78,7 @@ def nih_zip(tmp_path: Path) -> Path:
     return zip_tree(make_nih_tree(tmp_path / "src"), tmp_path / "cell_images.zip")
 
 
-def tiny_params(tmp_path: Path, **sections) -> "Params":  # noqa: F821
+def tiny_params(tmp_path: Path, **sections) -> Params:  # noqa: F821
     """Params whose every path and the MLflow store live in tmp_path."""
     from medimg.config import parse_params
 
@@ -133,8 +133,16 @@ def write_split_dir(params, per_split=(48, 16, 16), classes=("Uninfected", "Para
             path = f"cell_images/{classes[label]}/C{i % 7}P1thinF_{split}_{i}.png"
             images[path] = planted_image(label, rng)
             patient = f"{split}{i % 7}"
-            rows.append({"path": path, "label": label, "class": classes[label],
-                         "patient": patient, "split": split, "sha256": path})
+            rows.append(
+                {
+                    "path": path,
+                    "label": label,
+                    "class": classes[label],
+                    "patient": patient,
+                    "split": split,
+                    "sha256": path,
+                }
+            )
     frame = pd.DataFrame(rows)
     out = params.paths.split_manifest.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import png_bytes
 
+from conftest import png_bytes
 from medimg.data import load_arrays, make_dataset, write_shards
 
 
@@ -29,7 +29,7 @@ def test_shards_hold_every_image_once_with_metadata(shards):
     }
     x, y, patients, paths = load_arrays(out, "train", 24)
     assert x.shape == (14, 24, 24, 3) and x.dtype == np.float32
-    assert 0.0 <= x.min() and x.max() <= 255.0
+    assert x.min() >= 0.0 and x.max() <= 255.0
     assert sorted(paths) == sorted(p for p in images if int(p.split("img")[1][:-4]) < 14)
     for label, path in zip(y, paths, strict=True):
         assert label == int(path.split("/")[1][1])

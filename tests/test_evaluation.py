@@ -40,8 +40,16 @@ def test_score_multiclass_has_macro_and_per_class():
     probs[np.arange(200), y] += 1.0
     probs /= probs.sum(1, keepdims=True)
     classes = ["CNV", "DME", "DRUSEN", "NORMAL"]
-    result = score(y, probs, y, probs, [str(i % 10) for i in range(200)], classes,
-                   EvaluateConfig(bootstrap=50), 0)
+    result = score(
+        y,
+        probs,
+        y,
+        probs,
+        [str(i % 10) for i in range(200)],
+        classes,
+        EvaluateConfig(bootstrap=50),
+        0,
+    )
     assert set(result["per_class"]) == set(classes)
     assert result["roc_auc"] > 0.9 and "accuracy" in result["ci"]
 
@@ -54,23 +62,35 @@ def test_gradcam_picks_the_most_confident_mistakes_first():
 
 
 def test_predictions_frame_feeds_dvc_confusion_plots():
-    frame = predictions_frame(["a", "b"], ["P1", "P2"], np.array([0, 1]), np.array([0.7, 0.9]),
-                              ["Uninfected", "Parasitized"], 0.5)
+    frame = predictions_frame(
+        ["a", "b"],
+        ["P1", "P2"],
+        np.array([0, 1]),
+        np.array([0.7, 0.9]),
+        ["Uninfected", "Parasitized"],
+        0.5,
+    )
     assert frame["predicted"].tolist() == ["Parasitized", "Parasitized"]
     assert frame["correct"].tolist() == [False, True]
 
 
 @pytest.mark.slow
 def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
-    from conftest import tiny_params, write_split_dir
     from mlflow import MlflowClient
 
+    from conftest import tiny_params, write_split_dir
     from medimg.evaluation import run
     from medimg.training import fit
 
-    params = tiny_params(tmp_path, evaluate={"bootstrap": 100, "gradcam_examples": 4,
-                                             "representative_samples": 16,
-                                             "benchmark_images": 16})
+    params = tiny_params(
+        tmp_path,
+        evaluate={
+            "bootstrap": 100,
+            "gradcam_examples": 4,
+            "representative_samples": 16,
+            "benchmark_images": 16,
+        },
+    )
     write_split_dir(params)
     trained = fit(params, "tiny")
     flat = run(params, "tiny")
@@ -79,8 +99,15 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
     assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy_ci"][0] <= metrics["accuracy"]
     assert metrics["int8_bytes"] > 0 and 0 <= metrics["int8_agreement"] <= 1
     out = params.paths.eval_reports("tiny")
-    for name in ("confusion.png", "roc.png", "pr.png", "calibration.png", "details.json",
-                 "gradcam_Parasitized.png", "learning_curves.png"):
+    for name in (
+        "confusion.png",
+        "roc.png",
+        "pr.png",
+        "calibration.png",
+        "details.json",
+        "gradcam_Parasitized.png",
+        "learning_curves.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert params.paths.eval_predictions("tiny").read_text().startswith("path,patient,actual")
     assert params.paths.eval_roc("tiny").read_text().startswith("fpr,tpr")

@@ -15,25 +15,34 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
 
 def _sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "TF_CPP_MIN_LOG_LEVEL": "3", "GIT_PYTHON_REFRESH": "quiet"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-3000:]}\n"
-                             f"{out.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        )
     return out
 
 
 def _copy_repo(dest: Path) -> None:
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = REPO / rel
@@ -41,8 +50,11 @@ def _copy_repo(dest: Path) -> None:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "dvc.lock").unlink(missing_ok=True)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
 
 
@@ -50,10 +62,21 @@ def _shrink(params_file: Path, **gate) -> None:
     params = yaml.safe_load(params_file.read_text())
     params["dataset"]["synthetic"].update({"patients": 16})
     params["validate"]["min_per_class"] = 10
-    params["train"].update({"architectures": ["tiny", "compact_cnn"], "epochs": 2,
-                            "overrides": {"compact_cnn": {"image_size": 32}}})
-    params["evaluate"].update({"bootstrap": 100, "gradcam_examples": 2,
-                               "representative_samples": 16, "benchmark_images": 16})
+    params["train"].update(
+        {
+            "architectures": ["tiny", "compact_cnn"],
+            "epochs": 2,
+            "overrides": {"compact_cnn": {"image_size": 32}},
+        }
+    )
+    params["evaluate"].update(
+        {
+            "bootstrap": 100,
+            "gradcam_examples": 2,
+            "representative_samples": 16,
+            "benchmark_images": 16,
+        }
+    )
     params["gate"].update({"min_accuracy": 0.0, **gate})
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -118,10 +141,21 @@ def _check_ui_server(repo: Path, archs: tuple[str, ...]) -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{repo}/mlruns/mlflow.db",
-         "--workers", "1"],
-        cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{repo}/mlruns/mlflow.db",
+            "--workers",
+            "1",
+        ],
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 90
@@ -131,17 +165,26 @@ def _check_ui_server(repo: Path, archs: tuple[str, ...]) -> None:
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        exp = requests.get(f"{base}/experiments/get-by-name",
-                           params={"experiment_name": "medimg-malaria"}, timeout=10).json()
-        runs = requests.post(f"{base}/runs/search", timeout=10, json={
-            "experiment_ids": [exp["experiment"]["experiment_id"]]}).json()["runs"]
+        exp = requests.get(
+            f"{base}/experiments/get-by-name",
+            params={"experiment_name": "medimg-malaria"},
+            timeout=10,
+        ).json()
+        runs = requests.post(
+            f"{base}/runs/search",
+            timeout=10,
+            json={"experiment_ids": [exp["experiment"]["experiment_id"]]},
+        ).json()["runs"]
         by_name = {r["info"]["run_name"]: r for r in runs}
         assert set(archs) <= set(by_name)
         for arch in archs:
             metrics = {m["key"] for m in by_name[arch]["data"]["metrics"]}
             assert {"test_accuracy", "test_sensitivity", "val_accuracy"} <= metrics, arch
-        alias = requests.get(f"{base}/registered-models/alias", timeout=10,
-                             params={"name": "malaria-classifier", "alias": "champion"}).json()
+        alias = requests.get(
+            f"{base}/registered-models/alias",
+            timeout=10,
+            params={"name": "malaria-classifier", "alias": "champion"},
+        ).json()
         assert alias["model_version"]["version"] == "1"
     finally:
         server.terminate()

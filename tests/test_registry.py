@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_params
 
+from conftest import tiny_params
 from medimg import tracking
 from medimg.config import GateConfig
 from medimg.io import read_json, write_json
@@ -12,8 +12,6 @@ from medimg.registry import compare_markdown, decide, gate, rank, rollback, run
 
 NAME = "malaria-classifier"
 N = 200
-
-
 
 
 def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
@@ -26,9 +24,16 @@ def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
 
     paths = params.paths
     accuracy = float(correct.mean())
-    report = {"accuracy": accuracy, "sensitivity": accuracy, "specificity": accuracy,
-              "roc_auc": 0.9, "ece": 0.05, "accuracy_ci": [accuracy - 0.02, accuracy + 0.02],
-              "params": 1000, "keras_bytes": 50_000}
+    report = {
+        "accuracy": accuracy,
+        "sensitivity": accuracy,
+        "specificity": accuracy,
+        "roc_auc": 0.9,
+        "ece": 0.05,
+        "accuracy_ci": [accuracy - 0.02, accuracy + 0.02],
+        "params": 1000,
+        "keras_bytes": 50_000,
+    }
     write_json(paths.eval_metrics(arch), report)
     frame = pd.DataFrame({"path": [f"img{i}.png" for i in range(N)], "correct": correct})
     paths.eval_predictions(arch).write_text(frame.to_csv(index=False))
@@ -62,8 +67,10 @@ def setup(tmp_path):
 
 def _aliases(params):
     tracking.configure(params.mlflow, params.dataset.name)
-    return {a: (tracking.version_by_alias(NAME, a) or {}).get("version")
-            for a in ("champion", "challenger", "previous")}
+    return {
+        a: (tracking.version_by_alias(NAME, a) or {}).get("version")
+        for a in ("champion", "challenger", "previous")
+    }
 
 
 def test_best_architecture_passes_and_becomes_champion(setup, capsys):
@@ -124,16 +131,25 @@ def test_promotion_then_rollback(setup):
 
 def test_decide_is_pure_and_lists_every_failed_check():
     cfg = GateConfig(min_accuracy=0.9, min_sensitivity=0.95, max_regression=0.0)
-    d = decide({"accuracy": 0.85, "sensitivity": 0.9, "specificity": 0.8},
-               {"accuracy": 0.9}, None, cfg)
+    d = decide(
+        {"accuracy": 0.85, "sensitivity": 0.9, "specificity": 0.8}, {"accuracy": 0.9}, None, cfg
+    )
     assert not d["passed"] and len(d["reasons"]) == 3
-    assert [c["check"] for c in d["checks"]] == ["min_accuracy", "min_sensitivity",
-                                                 "max_regression"]
+    assert [c["check"] for c in d["checks"]] == [
+        "min_accuracy",
+        "min_sensitivity",
+        "max_regression",
+    ]
 
 
 def test_rank_prefers_the_smaller_model_on_ties():
-    reports = {"big": {"accuracy": 0.9, "params": 10**7}, "small": {"accuracy": 0.9, "params": 10**5}}
+    reports = {
+        "big": {"accuracy": 0.9, "params": 10**7},
+        "small": {"accuracy": 0.9, "params": 10**5},
+    }
     assert rank(reports, "accuracy") == ["small", "big"]
     assert "| 1 | small |" in compare_markdown(
-        {k: {**v, "accuracy_ci": [0.8, 0.95]} for k, v in reports.items()}, ["small", "big"],
-        "accuracy")
+        {k: {**v, "accuracy_ci": [0.8, 0.95]} for k, v in reports.items()},
+        ["small", "big"],
+        "accuracy",
+    )

@@ -108,8 +108,12 @@ REAL = {
     "malaria/cell_images_dev.zip": ({}, 6000, 140),
     "malaria/cell_images_fullres.zip": ({"min_per_class": 50}, 200, 7),
     "oct/OCT2017_sample.tar.gz": (
-        {"classes": ["CNV", "DME", "DRUSEN", "NORMAL"], "modes": ["L"], "formats": ["JPEG"],
-         "min_per_class": 8},
+        {
+            "classes": ["CNV", "DME", "DRUSEN", "NORMAL"],
+            "modes": ["L"],
+            "formats": ["JPEG"],
+            "min_per_class": 8,
+        },
         32,
         None,
     ),
@@ -120,7 +124,6 @@ REAL = {
 @pytest.mark.parametrize("archive", sorted(REAL))
 def test_real_archive_goes_through_download_validate_split(archive, tmp_path):
     from conftest import shared_file, tiny_params
-
     from medimg.download import run as download
     from medimg.io import read_json
     from medimg.splitting import run as split_run
@@ -130,8 +133,11 @@ def test_real_archive_goes_through_download_validate_split(archive, tmp_path):
     overrides, n_images, n_patients = REAL[archive]
     params = tiny_params(
         tmp_path,
-        dataset={"source": "local", "path": str(path),
-                 "name": "oct2017" if "oct" in archive else "malaria"},
+        dataset={
+            "source": "local",
+            "path": str(path),
+            "name": "oct2017" if "oct" in archive else "malaria",
+        },
         validate=overrides,
     )
     download(params, progress=False)

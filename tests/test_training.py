@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, tiny_params, write_split_dir
 
+from conftest import REPO, tiny_params, write_split_dir
 from medimg.config import parse_params
 from medimg.errors import ConfigError
 from medimg.io import read_json
@@ -60,7 +60,8 @@ def test_one_epoch_run_is_tracked_and_its_model_loads(split_params):
 
 def test_plan_merges_recipe_train_and_overrides(tmp_path):
     params = tiny_params(
-        tmp_path, train={"architectures": ["tiny"], "epochs": 3, "overrides": {"tiny": {"epochs": 5}}}
+        tmp_path,
+        train={"architectures": ["tiny"], "epochs": 3, "overrides": {"tiny": {"epochs": 5}}},
     )
     plan = resolve_plan(params, "tiny")
     assert plan.epochs == 5 and plan.batch_size == 8
@@ -138,7 +139,9 @@ print("REPLICAS", strategy.num_replicas_in_sync, result["epochs_run"])
 def test_mirrored_strategy_on_two_logical_cpus(split_params, tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", MIRRORED, str(_params_file(split_params, tmp_path))],
-        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "REPLICAS 2 1" in out.stdout

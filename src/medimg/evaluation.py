@@ -64,7 +64,11 @@ def _ci_fn(name: str, threshold: float, binary: bool):
 
 
 def confidence_intervals(
-    y: np.ndarray, probs: np.ndarray, groups: list[str], cfg: EvaluateConfig, seed: int,
+    y: np.ndarray,
+    probs: np.ndarray,
+    groups: list[str],
+    cfg: EvaluateConfig,
+    seed: int,
     threshold: float,
 ) -> dict[str, Any]:
     """Patient-level bootstrap CIs of the headline metrics (accuracy only for multi-class)."""
@@ -79,8 +83,14 @@ def confidence_intervals(
 
 
 def score(
-    y_test: np.ndarray, p_test: np.ndarray, y_val: np.ndarray, p_val: np.ndarray,
-    groups: list[str], classes: list[str], cfg: EvaluateConfig, seed: int,
+    y_test: np.ndarray,
+    p_test: np.ndarray,
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    groups: list[str],
+    classes: list[str],
+    cfg: EvaluateConfig,
+    seed: int,
 ) -> dict[str, Any]:
     """Pure: every test metric, the operating threshold and its CIs."""
     if p_test.ndim == 2:
@@ -109,14 +119,23 @@ def _arrays(params: Params, split: str, size: int):
 
 
 def predictions_frame(
-    paths: list[str], patients: list[str], y: np.ndarray, probs: np.ndarray,
-    classes: list[str], threshold: float,
+    paths: list[str],
+    patients: list[str],
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    threshold: float,
 ) -> pd.DataFrame:
     """One row per test image; `actual`/`predicted` feed `dvc plots` confusion matrices."""
     pred = predicted_labels(probs, threshold)
     frame = pd.DataFrame(
-        {"path": paths, "patient": patients, "actual": [classes[i] for i in y],
-         "predicted": [classes[i] for i in pred], "correct": pred == y}
+        {
+            "path": paths,
+            "patient": patients,
+            "actual": [classes[i] for i in y],
+            "predicted": [classes[i] for i in pred],
+            "correct": pred == y,
+        }
     )
     if probs.ndim == 1:
         frame[f"p_{classes[1]}"] = probs
@@ -126,7 +145,9 @@ def predictions_frame(
     return frame
 
 
-def gradcam_picks(y: np.ndarray, probs: np.ndarray, cls: int, n: int) -> tuple[list[int], list[int]]:
+def gradcam_picks(
+    y: np.ndarray, probs: np.ndarray, cls: int, n: int
+) -> tuple[list[int], list[int]]:
     """The worst misclassified images of true class `cls` (most confident wrong), then the
     most confident correct ones, n in all."""
     pred = predicted_labels(probs)
@@ -139,8 +160,9 @@ def gradcam_picks(y: np.ndarray, probs: np.ndarray, cls: int, n: int) -> tuple[l
     return wrong.tolist(), right.tolist()
 
 
-def gradcam_figures(model: Any, x: np.ndarray, y: np.ndarray, probs: np.ndarray,
-                    classes: list[str], n: int) -> dict[str, Any]:
+def gradcam_figures(
+    model: Any, x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], n: int
+) -> dict[str, Any]:
     from medimg.gradcam import grad_cam
     from medimg.plots import gradcam_grid
 
@@ -152,15 +174,19 @@ def gradcam_figures(model: Any, x: np.ndarray, y: np.ndarray, probs: np.ndarray,
         if not picks:
             continue
         heat = grad_cam(model, x[picks])
-        titles = [
-            f"{'WRONG' if i in wrong else 'ok'}: {name} → {classes[pred[i]]}" for i in picks
-        ]
+        titles = [f"{'WRONG' if i in wrong else 'ok'}: {name} → {classes[pred[i]]}" for i in picks]
         figures[name] = gradcam_grid(x[picks] / 255.0, heat, titles)
     return figures
 
 
-def edge_figures(model: Any, params: Params, size: int, x_test: np.ndarray, y_test: np.ndarray,
-                 keras_probs: np.ndarray) -> tuple[dict[str, Any], bytes | None]:
+def edge_figures(
+    model: Any,
+    params: Params,
+    size: int,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    keras_probs: np.ndarray,
+) -> tuple[dict[str, Any], bytes | None]:
     """TFLite int8 size, accuracy against the float model, and single-thread images/s."""
     from medimg.export import TFLiteModel, agreement, images_per_second, to_tflite
 
@@ -186,10 +212,22 @@ def edge_figures(model: Any, params: Params, size: int, x_test: np.ndarray, y_te
     return result, content
 
 
-def write_plots(out: Path, result: dict, y: np.ndarray, probs: np.ndarray, classes: list[str],
-                cfg: EvaluateConfig, figures: dict[str, Any], train_reports: Path) -> None:
+def write_plots(
+    out: Path,
+    result: dict,
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    cfg: EvaluateConfig,
+    figures: dict[str, Any],
+    train_reports: Path,
+) -> None:
     from medimg.plots import (
-        plot_confusion_matrix, plot_pr, plot_reliability, plot_roc, save_figure,
+        plot_confusion_matrix,
+        plot_pr,
+        plot_reliability,
+        plot_roc,
+        save_figure,
     )
 
     names = None if probs.ndim == 1 else classes
@@ -216,8 +254,18 @@ def roc_csv(y: np.ndarray, probs: np.ndarray) -> str:
 
 def headline(result: dict[str, Any], train: dict[str, Any], edge: dict[str, Any]) -> dict:
     """The flat numbers `dvc metrics show` and the comparison table use."""
-    keys = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc",
-            "mcc", "brier", "ece")
+    keys = (
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "roc_auc",
+        "pr_auc",
+        "mcc",
+        "brier",
+        "ece",
+    )
     flat = {k: result[k] for k in keys if k in result}
     flat |= {f"{k}_ci": [v["low"], v["high"]] for k, v in result["ci"].items()}
     flat |= {"params": train.get("params"), "keras_bytes": train.get("keras_bytes"), **edge}
@@ -254,15 +302,19 @@ def run(params: Params, arch: str) -> dict[str, Any]:
     write_json(paths.eval_metrics(arch), flat)
     files = [*sorted(out.iterdir()), paths.eval_predictions(arch), paths.eval_roc(arch)]
     _log(params, run_info["run_id"], flat, files, info["fingerprint"])
-    print(f"evaluate {arch}: accuracy {flat['accuracy']:.4f} "
-          f"CI {flat['accuracy_ci']} on {len(y)} test images")
+    print(
+        f"evaluate {arch}: accuracy {flat['accuracy']:.4f} "
+        f"CI {flat['accuracy_ci']} on {len(y)} test images"
+    )
     return flat
 
 
 def _log(params: Params, run_id: str, flat: dict, files: list[Path], fingerprint: str) -> None:
     tracking.configure(params.mlflow, params.dataset.name)
     with tracking.run(run_id=run_id):
-        tracking.log_metrics({k: v for k, v in flat.items() if not k.endswith("_ci")}, prefix="test_")
+        tracking.log_metrics(
+            {k: v for k, v in flat.items() if not k.endswith("_ci")}, prefix="test_"
+        )
         for name, ci in flat.items():
             if name.endswith("_ci") and ci[0] is not None:
                 tracking.log_metrics({f"test_{name}_low": ci[0], f"test_{name}_high": ci[1]})

@@ -47,26 +47,34 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _mb(size: int | None) -> float | None:
+    return None if size is None else size / 1e6
+
+
 def compare_markdown(reports: dict[str, dict[str, Any]], order: list[str], metric: str) -> str:
     """The comparison table of every architecture, sorted by the selection metric."""
-    head = ("| # | architecture | accuracy [95% CI] | sensitivity | specificity | ROC AUC | ECE "
-            "| params | .keras MB | int8 MB | int8 acc | Keras img/s | int8 img/s (1 thread) |")
-    lines = [f"# Architecture comparison (sorted by test {metric})", "", head,
-             "|" + "---|" * 13]
+    head = (
+        "| # | architecture | accuracy [95% CI] | sensitivity | specificity | ROC AUC | ECE "
+        "| params | .keras MB | int8 MB | int8 acc | Keras img/s | int8 img/s (1 thread) |"
+    )
+    lines = [f"# Architecture comparison (sorted by test {metric})", "", head, "|" + "---|" * 13]
     for i, arch in enumerate(order, 1):
         r = reports[arch]
         lo, hi = r.get("accuracy_ci", [None, None])
-        mb = (lambda b: None if b is None else b / 1e6)
         lines.append(
             f"| {i} | {arch} | {_fmt(r['accuracy'])} [{_fmt(lo)}, {_fmt(hi)}] "
             f"| {_fmt(r.get('sensitivity'))} | {_fmt(r.get('specificity'))} "
             f"| {_fmt(r.get('roc_auc'))} | {_fmt(r.get('ece'))} | {_fmt(r.get('params'), ',')} "
-            f"| {_fmt(mb(r.get('keras_bytes')), '.2f')} | {_fmt(mb(r.get('int8_bytes')), '.3f')} "
+            f"| {_fmt(_mb(r.get('keras_bytes')), '.2f')} | {_fmt(_mb(r.get('int8_bytes')), '.3f')} "
             f"| {_fmt(r.get('int8_accuracy'))} | {_fmt(r.get('keras_cpu_images_per_s'), '.0f')} "
             f"| {_fmt(r.get('int8_images_per_s_1thread'), '.0f')} |"
         )
-    lines += ["", "Accuracy intervals: patient-level bootstrap. Sensitivity/specificity at 0.5; "
-              "the operating point chosen on validation is in reports/eval/<arch>/details.json.", ""]
+    lines += [
+        "",
+        "Accuracy intervals: patient-level bootstrap. Sensitivity/specificity at 0.5; "
+        "the operating point chosen on validation is in reports/eval/<arch>/details.json.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -85,11 +93,18 @@ def paired_test(candidate_csv: Path, champion_csv: Path | None) -> dict[str, Any
     return {**result, "n": len(both)}
 
 
-def decide(candidate: dict[str, Any], champion: dict[str, Any] | None,
-           paired: dict[str, Any] | None, cfg: GateConfig) -> dict[str, Any]:
+def decide(
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    paired: dict[str, Any] | None,
+    cfg: GateConfig,
+) -> dict[str, Any]:
     """Pure: the gate's verdict, every check with its numbers and a reason per failure."""
-    floors = {"accuracy": cfg.min_accuracy, "sensitivity": cfg.min_sensitivity,
-              "specificity": cfg.min_specificity}
+    floors = {
+        "accuracy": cfg.min_accuracy,
+        "sensitivity": cfg.min_sensitivity,
+        "specificity": cfg.min_specificity,
+    }
     checks, reasons = [], []
     for name, floor in floors.items():
         if floor is None:
@@ -102,20 +117,39 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None,
     if champion is not None:
         drop = champion["accuracy"] - candidate["accuracy"]
         ok = drop <= cfg.max_regression
-        checks.append({"check": "max_regression", "value": drop, "bound": cfg.max_regression,
-                       "passed": ok, "champion_accuracy": champion["accuracy"]})
+        checks.append(
+            {
+                "check": "max_regression",
+                "value": drop,
+                "bound": cfg.max_regression,
+                "passed": ok,
+                "champion_accuracy": champion["accuracy"],
+            }
+        )
         if not ok:
-            reasons.append(f"accuracy {candidate['accuracy']:.4f} is {drop:.4f} below the "
-                           f"champion's {champion['accuracy']:.4f} (gate.max_regression "
-                           f"{cfg.max_regression})")
+            reasons.append(
+                f"accuracy {candidate['accuracy']:.4f} is {drop:.4f} below the "
+                f"champion's {champion['accuracy']:.4f} (gate.max_regression "
+                f"{cfg.max_regression})"
+            )
     if paired is not None:
         worse = paired["b10"] > paired["b01"]  # champion right & candidate wrong dominates
         ok = not (worse and paired["p_value"] < cfg.alpha)
-        checks.append({"check": "mcnemar", "p_value": paired["p_value"], "bound": cfg.alpha,
-                       "b01": paired["b01"], "b10": paired["b10"], "passed": ok})
+        checks.append(
+            {
+                "check": "mcnemar",
+                "p_value": paired["p_value"],
+                "bound": cfg.alpha,
+                "b01": paired["b01"],
+                "b10": paired["b10"],
+                "passed": ok,
+            }
+        )
         if not ok:
-            reasons.append(f"McNemar: candidate significantly worse than the champion on the "
-                           f"same test images (p={paired['p_value']:.4g} < gate.alpha {cfg.alpha})")
+            reasons.append(
+                f"McNemar: candidate significantly worse than the champion on the "
+                f"same test images (p={paired['p_value']:.4g} < gate.alpha {cfg.alpha})"
+            )
     return {"passed": not reasons, "checks": checks, "reasons": reasons}
 
 
@@ -125,10 +159,13 @@ def _champion_state(name: str, fingerprint: str, tmp: Path) -> tuple[dict | None
     if champ is None:
         return None, None
     tags = champ["tags"]
-    state = {"version": champ["version"], "run_id": champ["run_id"],
-             "accuracy": float(tags.get("test_accuracy", "nan")),
-             "fingerprint": tags.get("dataset_fingerprint"),
-             "architecture": tags.get("architecture")}
+    state = {
+        "version": champ["version"],
+        "run_id": champ["run_id"],
+        "accuracy": float(tags.get("test_accuracy", "nan")),
+        "fingerprint": tags.get("dataset_fingerprint"),
+        "architecture": tags.get("architecture"),
+    }
     same_split = state["fingerprint"] == fingerprint
     artifact = f"eval/{state['architecture']}.predictions.csv"
     csv = tracking.download_run_artifact(champ["run_id"], artifact, tmp) if same_split else None
@@ -164,8 +201,9 @@ def run(params: Params) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         champion, champ_csv = _champion_state(name, fingerprint, Path(tmp))
         paired = paired_test(paths.eval_predictions(best), champ_csv)
-    version = tracking.register_version(run_info["model_uri"], name,
-                                        _version_tags(params, best, reports[best], fingerprint))
+    version = tracking.register_version(
+        run_info["model_uri"], name, _version_tags(params, best, reports[best], fingerprint)
+    )
     tracking.set_alias(name, "challenger", version)
     decision = decide(reports[best], champion, paired, params.gate)
     if decision["passed"]:
@@ -173,16 +211,30 @@ def run(params: Params) -> dict[str, Any]:
             tracking.set_alias(name, "previous", champion["version"])
         tracking.set_alias(name, "champion", version)
     promotion = {
-        "model_name": name, "candidate": {"architecture": best, "version": version,
-                                          "run_id": run_info["run_id"], **_gated(reports[best])},
-        "selection_metric": metric, "ranking": order, "champion_before": champion,
-        "paired_test": paired, "gate": params.gate.model_dump(), **decision,
+        "model_name": name,
+        "candidate": {
+            "architecture": best,
+            "version": version,
+            "run_id": run_info["run_id"],
+            **_gated(reports[best]),
+        },
+        "selection_metric": metric,
+        "ranking": order,
+        "champion_before": champion,
+        "paired_test": paired,
+        "gate": params.gate.model_dump(),
+        **decision,
         "champion_after": tracking.version_by_alias(name, "champion"),
     }
     write_json(paths.promotion, promotion)
-    tracking.set_version_tags(name, version, {
-        "gate_passed": decision["passed"], "gate_reasons": "; ".join(decision["reasons"]) or "all checks passed",
-    })
+    tracking.set_version_tags(
+        name,
+        version,
+        {
+            "gate_passed": decision["passed"],
+            "gate_reasons": "; ".join(decision["reasons"]) or "all checks passed",
+        },
+    )
     print(reason_paragraph(promotion))
     return promotion
 
@@ -196,23 +248,37 @@ def write_comparison(params: Params, reports: dict, order: list[str], metric: st
 
     reports_dir = Path(params.paths.reports)
     write_text(reports_dir / "compare.md", compare_markdown(reports, order, metric))
-    cis = {a: {"point": reports[a]["accuracy"], "low": reports[a]["accuracy_ci"][0],
-               "high": reports[a]["accuracy_ci"][1]} for a in order}
+    cis = {
+        a: {
+            "point": reports[a]["accuracy"],
+            "low": reports[a]["accuracy_ci"][0],
+            "high": reports[a]["accuracy_ci"][1],
+        }
+        for a in order
+    }
     save_figure(plot_comparison(cis, metric="accuracy"), reports_dir / "compare.png")
 
 
 def reason_paragraph(promotion: dict[str, Any]) -> str:
     c = promotion["candidate"]
-    head = (f"{promotion['model_name']} v{c['version']} ({c['architecture']}, test accuracy "
-            f"{_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, specificity "
-            f"{_fmt(c['specificity'])})")
+    head = (
+        f"{promotion['model_name']} v{c['version']} ({c['architecture']}, test accuracy "
+        f"{_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, specificity "
+        f"{_fmt(c['specificity'])})"
+    )
     before = promotion.get("champion_before")
-    vs = (f" against champion v{before['version']} ({_fmt(before['accuracy'])})" if before
-          else " with no previous champion")
+    vs = (
+        f" against champion v{before['version']} ({_fmt(before['accuracy'])})"
+        if before
+        else " with no previous champion"
+    )
     if promotion["passed"]:
         return f"PASS: {head} passed every gate check{vs} and is the champion."
-    return (f"FAIL: {head} did not pass the gate{vs}: " + "; ".join(promotion["reasons"])
-            + ". No alias was moved.")
+    return (
+        f"FAIL: {head} did not pass the gate{vs}: "
+        + "; ".join(promotion["reasons"])
+        + ". No alias was moved."
+    )
 
 
 def gate(params: Params) -> int:
@@ -227,10 +293,14 @@ def gate(params: Params) -> int:
     tracking.configure(params.mlflow, params.dataset.name)
     champ = tracking.version_by_alias(promotion["model_name"], "champion")
     text = reason_paragraph(promotion)
-    if decision["passed"] and (champ is None or champ["version"] != promotion["candidate"]["version"]):
-        print(f"FAIL: the gate passes but the registry's champion is "
-              f"{champ and 'v' + champ['version']}, not v{promotion['candidate']['version']}; "
-              "run `dvc repro register` to promote it.")
+    if decision["passed"] and (
+        champ is None or champ["version"] != promotion["candidate"]["version"]
+    ):
+        print(
+            f"FAIL: the gate passes but the registry's champion is "
+            f"{champ and 'v' + champ['version']}, not v{promotion['candidate']['version']}; "
+            "run `dvc repro register` to promote it."
+        )
         return 1
     print(text)
     return 0 if decision["passed"] else 1

@@ -10,7 +10,6 @@ comparison; `strategy: predefined` honours folders such as OCT2017's `train/` an
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,7 +77,7 @@ def _group_split(labels: np.ndarray, groups: np.ndarray, cfg: SplitConfig, seed:
     out[test] = "test"
     if fr.val > 0:
         val_share = fr.val / (fr.train + fr.val)
-        sub_rest, sub_val = _one_fold(labels[rest], groups[rest], val_share, seed + 1)
+        _, sub_val = _one_fold(labels[rest], groups[rest], val_share, seed + 1)
         out[rest[sub_val]] = "val"
     return pd.Series(out)
 

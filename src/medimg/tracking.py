@@ -218,8 +218,12 @@ def version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
 
 def version_info(name: str, version: str) -> dict[str, Any]:
     mv = _client().get_model_version(name, version)
-    return {"version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags),
-            "aliases": list(mv.aliases)}
+    return {
+        "version": str(mv.version),
+        "run_id": mv.run_id,
+        "tags": dict(mv.tags),
+        "aliases": list(mv.aliases),
+    }
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
