@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import png_bytes
+from tests.conftest import png_bytes
 from medimg.data import load_arrays, make_dataset, write_shards
 
 

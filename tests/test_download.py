@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import make_nih_tree, png_bytes, shared_file, zip_tree
+from tests.conftest import make_nih_tree, png_bytes, shared_file, zip_tree
 from medimg import download
 from medimg.cli import stage_main
 from medimg.config import Params, SyntheticConfig, parse_params

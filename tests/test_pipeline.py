@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import png_bytes, tiny_params, write_split_dir
+from tests.conftest import png_bytes, tiny_params, write_split_dir
 from medimg import cli, tracking
 from medimg.predict import (
     ImageInputError,

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import tiny_params
+from tests.conftest import tiny_params
 from medimg import tracking
 from medimg.config import GateConfig
 from medimg.io import read_json, write_json

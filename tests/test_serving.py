@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import png_bytes, shared_file
-from test_predict import CLASSES, NAME, train_and_register
+from tests.conftest import png_bytes, shared_file
+from tests.test_predict import CLASSES, NAME, train_and_register
 
 CHAMPION = f"models:/{NAME}@champion"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params, write_split_dir
+from tests.conftest import REPO, tiny_params, write_split_dir
 from medimg.config import parse_params
 from medimg.errors import ConfigError
 from medimg.io import read_json

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, make_nih_tree, nih_name, png_bytes, shared_file, zip_tree
+from tests.conftest import REPO, make_nih_tree, nih_name, png_bytes, shared_file, zip_tree
 from medimg.archive import iter_members
 from medimg.cli import stage_main
 from medimg.config import ArchiveLimits, ValidateConfig, load_params
