@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_nih_tree, png_bytes, zip_tree
 from medimg.archive import archive_kind, iter_members, list_members, safe_name, scan
 from medimg.config import ArchiveLimits
 from medimg.errors import DataError
+from tests.conftest import make_nih_tree, png_bytes, zip_tree
 
 LIMITS = ArchiveLimits()
 

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import png_bytes
 from medimg.data import load_arrays, make_dataset, write_shards
+from tests.conftest import png_bytes
 
 
 @pytest.fixture

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import make_nih_tree, png_bytes, shared_file, zip_tree
 from medimg import download
 from medimg.cli import stage_main
 from medimg.config import Params, SyntheticConfig, parse_params
 from medimg.download import fetch, run
 from medimg.errors import DataError
+from tests.conftest import make_nih_tree, png_bytes, shared_file, zip_tree
 
 DEV_ZIP_SHA = "6e71bf8dd2f1e7bfadf1ba4bdbf919230bb4912d09e61039ef1279aa19f893f5"
 

@@ -78,9 +78,9 @@ def test_predictions_frame_feeds_dvc_confusion_plots():
 def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
     from mlflow import MlflowClient
 
-    from tests.conftest import tiny_params, write_split_dir
     from medimg.evaluation import run
     from medimg.training import fit
+    from tests.conftest import tiny_params, write_split_dir
 
     params = tiny_params(
         tmp_path,

@@ -20,7 +20,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import png_bytes, tiny_params, write_split_dir
 from medimg import cli, tracking
 from medimg.predict import (
     ImageInputError,
@@ -31,6 +30,7 @@ from medimg.predict import (
     prepare,
     result_frame,
 )
+from tests.conftest import png_bytes, tiny_params, write_split_dir
 
 NAME = "malaria-classifier"
 CLASSES = ["Uninfected", "Parasitized"]

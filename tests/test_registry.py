@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import tiny_params
 from medimg import tracking
 from medimg.config import GateConfig
 from medimg.io import read_json, write_json
 from medimg.registry import compare_markdown, decide, gate, rank, rollback, run
+from tests.conftest import tiny_params
 
 NAME = "malaria-classifier"
 N = 200

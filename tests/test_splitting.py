@@ -123,11 +123,11 @@ REAL = {
 @pytest.mark.slow
 @pytest.mark.parametrize("archive", sorted(REAL))
 def test_real_archive_goes_through_download_validate_split(archive, tmp_path):
-    from tests.conftest import shared_file, tiny_params
     from medimg.download import run as download
     from medimg.io import read_json
     from medimg.splitting import run as split_run
     from medimg.validation import run as validate
+    from tests.conftest import shared_file, tiny_params
 
     path = shared_file(archive)
     overrides, n_images, n_patients = REAL[archive]

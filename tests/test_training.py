@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_params, write_split_dir
 from medimg.config import parse_params
 from medimg.errors import ConfigError
 from medimg.io import read_json
 from medimg.training import check_architectures, class_weights, fit, resolve_plan
+from tests.conftest import REPO, tiny_params, write_split_dir
 
 
 def _client(params):

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_nih_tree, nih_name, png_bytes, shared_file, zip_tree
 from medimg.archive import iter_members
 from medimg.cli import stage_main
 from medimg.config import ArchiveLimits, ValidateConfig, load_params
@@ -26,6 +25,7 @@ from medimg.validation import (
     patient_id,
     run,
 )
+from tests.conftest import REPO, make_nih_tree, nih_name, png_bytes, shared_file, zip_tree
 
 # Real NIH names also start `C37BP2_`, `C1ThinF_`, `C5thin_original`: only `C<number>` is common.
 NIH_ANY_NAME = r"^(C\d+)"
