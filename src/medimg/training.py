@@ -284,6 +284,7 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
             epochs=plan.epochs,
             callbacks=callbacks,
             class_weight=weights,
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
             verbose=2,
         )
         seconds = time.perf_counter() - t0
