@@ -146,7 +146,7 @@ class TrainOverride(Frozen):
 
 class TrainConfig(Frozen):
     architectures: Annotated[list[str], Field(min_length=1)] = ["compact_cnn", "simple_cnn"]
-    epochs: PosInt = 8
+    epochs: PosInt = 15
     batch_size: PosInt = 32
     image_size: PosInt | None = None
     optimizer: Literal["adam", "sgd", "rmsprop"] | None = None
@@ -154,7 +154,7 @@ class TrainConfig(Frozen):
     schedule: Literal["constant", "poly", "plateau"] | None = None
     weights: str = "none"
     monitor: Literal["val_accuracy", "val_loss", "val_auc"] = "val_accuracy"
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 4
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 5
     class_weights: bool = False
     augment: AugmentConfig = AugmentConfig()
     shuffle_buffer: PosInt = 2048

@@ -39,7 +39,7 @@ PLATELET = np.array([0.66, 0.46, 0.74], dtype=np.float32)
 SPECK = np.array([0.36, 0.22, 0.40], dtype=np.float32)
 
 # Difficulty knobs: share of parasites drawn faint, and of cells carrying 1 vs 2 confusers.
-FAINT_PARASITE_P = 0.25
+FAINT_PARASITE_P = 0.15
 RIM_PARASITE_P = 0.3
 RING_P = 0.45
 
@@ -178,11 +178,11 @@ def _parasites(
         cy, cx = _spot_centre(rng, geo, *((0.75, 0.95) if rim else (0.0, 0.7)))
         strength = style.parasite_contrast * rng.uniform(0.6, 0.95)
         if rng.random() < FAINT_PARASITE_P:
-            strength *= rng.uniform(0.2, 0.45)
+            strength *= rng.uniform(0.3, 0.55)
         if rng.random() < RING_P:
-            shape = _ring(geo, cy, cx, geo.scale * rng.uniform(0.1, 0.17), geo.scale * 0.035)
+            shape = _ring(geo, cy, cx, geo.scale * rng.uniform(0.12, 0.18), geo.scale * 0.05)
         else:
-            shape = _blob(geo, cy, cx, geo.scale * rng.uniform(0.04, 0.08))
+            shape = _blob(geo, cy, cx, geo.scale * rng.uniform(0.06, 0.10))
         rgb = _paint(rgb, strength * shape, CHROMATIN * rng.uniform(0.85, 1.15))
     return rgb
 
