@@ -58,7 +58,8 @@ def main() -> None:
     for epoch in range(1, args.epochs + 1):
         h = model.fit(train, validation_data=val, epochs=1, verbose=0, shuffle=False).history
         test_acc = model.evaluate(test, verbose=0)[1]
-        print(f"{epoch:5d} | {h['accuracy'][0]:9.3f} | {h['val_accuracy'][0]:7.3f} | {test_acc:8.3f}")
+        acc, val_acc = h["accuracy"][0], h["val_accuracy"][0]
+        print(f"{epoch:5d} | {acc:9.3f} | {val_acc:7.3f} | {test_acc:8.3f}")
 
 
 if __name__ == "__main__":
