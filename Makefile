@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export GIT_PYTHON_REFRESH ?= quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro test test-fast e2e lint format bench ui gate clean
+.PHONY: help setup repro test test-slow test-all test-fast e2e lint format bench ui gate clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -24,7 +24,13 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup ## set up, then rebuild the whole pipeline (dvc repro)
 	dvc repro
 
-test: setup ## set up, then run the whole test suite (incl. one end-to-end dvc repro)
+test: setup ## set up, then run the tests (incl. one end-to-end dvc repro; not the `slow` ones)
+	pytest -q -m "not slow"
+
+test-slow: setup ## the `slow` tests: resume after kill, 2-device training, REST server, real archives
+	pytest -q -m slow
+
+test-all: setup ## every test
 	pytest -q
 
 test-fast: setup ## the tests without the slow/end-to-end ones
