@@ -33,8 +33,8 @@ class Frozen(BaseModel):
 class SyntheticConfig(Frozen):
     """Size and difficulty of the offline NIH-like generator."""
 
-    patients: PosInt = 48
-    cells_per_patient: tuple[PosInt, PosInt] = (20, 40)
+    patients: PosInt = 80
+    cells_per_patient: tuple[PosInt, PosInt] = (12, 24)
     healthy_patient_fraction: Fraction = 0.25
     infected_cell_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
     size_range: tuple[PosInt, PosInt] = (96, 150)
@@ -101,8 +101,8 @@ class ValidateConfig(Frozen):
 
 
 class SplitFractions(Frozen):
-    train: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
-    val: Fraction = 0.1
+    train: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.65
+    val: Fraction = 0.15
     test: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
 
     @model_validator(mode="after")
@@ -154,7 +154,7 @@ class TrainConfig(Frozen):
     schedule: Literal["constant", "poly", "plateau"] | None = None
     weights: str = "none"
     monitor: Literal["val_accuracy", "val_loss", "val_auc"] = "val_accuracy"
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 5
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     class_weights: bool = False
     augment: AugmentConfig = AugmentConfig()
     shuffle_buffer: PosInt = 2048
@@ -184,7 +184,7 @@ class RegisterConfig(Frozen):
 
 
 class GateConfig(Frozen):
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.8
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.75
     min_sensitivity: Annotated[float, Field(ge=0, le=1)] | None = None
     min_specificity: Annotated[float, Field(ge=0, le=1)] | None = None
     max_regression: Annotated[float, Field(ge=0, le=1)] = 0.01
