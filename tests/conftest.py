@@ -78,23 +78,19 @@ def nih_zip(tmp_path: Path) -> Path:
     return zip_tree(make_nih_tree(tmp_path / "src"), tmp_path / "cell_images.zip")
 
 
-def tiny_params(tmp_path: Path, **sections) -> Params:  # noqa: F821
-    """Params whose every path and the MLflow store live in tmp_path."""
-    from medimg.config import parse_params
-
-    base = {
-        "paths": {
-            k: str(tmp_path / v)
-            for k, v in {
-                "raw": "data/raw",
-                "validated": "data/validated",
-                "split": "data/split",
-                "models": "models",
-                "reports": "reports",
-                "gx": "gx",
-                "mlruns": "mlruns",
-            }.items()
-        },
+def tmp_params_dict(tmp_path: Path, **sections: dict) -> dict:
+    """A params mapping whose every path and the MLflow store live in tmp_path."""
+    rel = {
+        "raw": "data/raw",
+        "validated": "data/validated",
+        "split": "data/split",
+        "models": "models",
+        "reports": "reports",
+        "gx": "gx",
+        "mlruns": "mlruns",
+    }
+    base: dict = {
+        "paths": {k: str(tmp_path / v) for k, v in rel.items()},
         "mlflow": {
             "tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
             "artifact_root": str(tmp_path / "mlruns" / "artifacts"),
@@ -103,7 +99,14 @@ def tiny_params(tmp_path: Path, **sections) -> Params:  # noqa: F821
     }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
-    return parse_params(base)
+    return base
+
+
+def tiny_params(tmp_path: Path, **sections):
+    """`tmp_params_dict` as a validated Params."""
+    from medimg.config import parse_params
+
+    return parse_params(tmp_params_dict(tmp_path, **sections))
 
 
 def planted_image(label: int, rng: np.random.Generator, size: int = 32) -> bytes:

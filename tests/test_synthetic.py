@@ -37,7 +37,8 @@ def test_layout_and_names_follow_the_nih_archive(small_zip):
     )
     assert all(name.match(n) for n in members), next(n for n in members if not name.match(n))
     assert summary["images"] == len(members)
-    assert sum(summary["per_class"].values()) == len(members)
+    per_class = {c: sum(n.split("/")[1] == c for n in members) for c in summary["per_class"]}
+    assert summary["per_class"] == per_class
     assert summary["patients"] == SMALL.patients
 
 
@@ -48,7 +49,9 @@ def test_healthy_patients_have_only_uninfected_cells(small_zip):
         classes[patient].add(n.split("/")[1])
     healthy = [p for p, c in classes.items() if c == {"Uninfected"}]
     assert len(healthy) == small_zip[1]["healthy_patients"] >= 1
-    assert any(c == {"Parasitized", "Uninfected"} for c in classes.values())
+    infected = [c for c in classes.values() if c != {"Uninfected"}]
+    assert infected and all(c == {"Parasitized", "Uninfected"} for c in infected)
+    assert len(classes) == small_zip[1]["patients"]
 
 
 def test_same_seed_same_bytes_other_seed_other_data(small_zip, tmp_path):

@@ -25,7 +25,15 @@ from medimg.validation import (
     patient_id,
     run,
 )
-from tests.conftest import REPO, make_nih_tree, nih_name, png_bytes, shared_file, zip_tree
+from tests.conftest import (
+    REPO,
+    make_nih_tree,
+    nih_name,
+    png_bytes,
+    shared_file,
+    tmp_params_dict,
+    zip_tree,
+)
 
 # Real NIH names also start `C37BP2_`, `C1ThinF_`, `C5thin_original`: only `C<number>` is common.
 NIH_ANY_NAME = r"^(C\d+)"
@@ -33,25 +41,9 @@ NIH_ANY_NAME = r"^(C\d+)"
 
 def write_params(tmp_path: Path, **sections: dict) -> Path:
     """A params.yaml whose every path lives in tmp_path; `validate` is relaxed for tiny data."""
-    data = {
-        "paths": {
-            key: str(tmp_path / rel)
-            for key, rel in {
-                "raw": "data/raw",
-                "validated": "data/validated",
-                "split": "data/split",
-                "models": "models",
-                "reports": "reports",
-                "gx": "gx",
-                "mlruns": "mlruns",
-            }.items()
-        },
-        "validate": {"min_per_class": 2},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
+    sections["validate"] = {"min_per_class": 2, **sections.get("validate", {})}
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(tmp_params_dict(tmp_path, **sections)))
     return path
 
 
