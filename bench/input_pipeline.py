@@ -58,7 +58,8 @@ def prepare(zip_path: Path, work: Path, limit: int):
         stage(params)
     folder = work / "png"
     with zipfile.ZipFile(zip_path) as zf:
-        names = [n for n in zf.namelist() if n.endswith(".png")][:limit]
+        names = [n for n in zf.namelist() if n.endswith(".png")]
+        names = names[:: max(1, len(names) // limit)][:limit]  # both classes, not the first
         for n in names:
             dest = folder / Path(n).parent.name / Path(n).name
             dest.parent.mkdir(parents=True, exist_ok=True)
