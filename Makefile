@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export GIT_PYTHON_REFRESH ?= quiet
+# two pytest workers, one file each at a time: the end-to-end repro overlaps the unit tests
+XDIST  ?= -n 2 --dist loadfile
 
 .DEFAULT_GOAL := help
 .PHONY: help setup repro test test-slow test-all test-fast e2e lint format bench ui gate clean
@@ -25,13 +27,13 @@ repro: setup ## set up, then rebuild the whole pipeline (dvc repro)
 	dvc repro
 
 test: setup ## set up, then run the tests (incl. one end-to-end dvc repro; not the `slow` ones)
-	pytest -q -m "not slow"
+	pytest -q -m "not slow" $(XDIST)
 
 test-slow: setup ## the `slow` tests: resume after kill, 2-device training, REST server, real archives
-	pytest -q -m slow
+	pytest -q -m slow $(XDIST)
 
 test-all: setup ## every test
-	pytest -q
+	pytest -q $(XDIST)
 
 test-fast: setup ## the tests without the slow/end-to-end ones
 	pytest -q -m "not slow and not e2e"

@@ -64,3 +64,12 @@ def test_pipeline_is_deterministic_for_a_seed(shards):
 def test_missing_shards_say_which_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="no test shards"):
         make_dataset(tmp_path, "test", 8, 2, num_classes=2)
+
+
+def test_limit_caches_a_complete_subset(shards):
+    out, _, _ = shards
+    ds = make_dataset(out, "train", 8, 4, num_classes=2, training=True, seed=0, limit=10)
+    epochs = [np.concatenate([np.asarray(x) for x, _ in ds]).reshape(10, -1) for _ in range(2)]
+    assert [len(e) for e in epochs] == [10, 10]
+    # the same ten images every epoch (reshuffled): a complete cache, not a fresh prefix
+    assert sorted(epochs[0].sum(1).round(3)) == sorted(epochs[1].sum(1).round(3))

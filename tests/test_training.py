@@ -68,6 +68,16 @@ def test_plan_merges_recipe_train_and_overrides(tmp_path):
     assert plan.image_size == 32 and plan.optimizer == "adam"  # the tiny model's recipe
 
 
+def test_augmentation_follows_the_recipe_unless_overridden(tmp_path):
+    params = tiny_params(tmp_path, train={"overrides": {"resnet_mini": {"augmentation": False}}})
+    # seed 001 trained its basic CNN without augmentation, seed 000 its ResNet with it
+    assert resolve_plan(params, "simple_cnn").augmentation is False
+    assert resolve_plan(params, "compact_cnn").augmentation is True
+    assert resolve_plan(params, "resnet_mini").augmentation is False
+    with pytest.raises(ConfigError, match=r"train\.overrides\.tiny\.augmentation"):
+        tiny_params(tmp_path, train={"overrides": {"tiny": {"augmentation": "sometimes"}}})
+
+
 def test_bad_train_params_fail_with_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.epochs"):
         parse_params({"train": {"epochs": -1}})

@@ -141,6 +141,7 @@ class TrainOverride(Frozen):
     learning_rate: Annotated[float, Field(gt=0)] | None = None
     schedule: Literal["constant", "poly", "plateau"] | None = None
     weights: str | None = None
+    augmentation: bool | None = None  # train with `train.augment`; null: the model's recipe
     model: dict[str, Any] = {}
 
 

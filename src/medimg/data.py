@@ -98,10 +98,13 @@ def make_dataset(
     seed: int = 0,
     cache: bool = True,
     shuffle_buffer: int = 2048,
+    limit: int | None = None,
 ) -> tf.data.Dataset:
     """(image, label) batches for Keras `fit`/`evaluate`.
 
     Binary labels are float (N, 1) for a sigmoid unit; multi-class labels stay sparse ints.
+    `limit` keeps the first examples *before* the cache: a `take` after it would stop every
+    epoch short of a complete cache, and tf.data then throws the partial cache away.
     """
 
     def to_xy(ex: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
@@ -110,6 +113,8 @@ def make_dataset(
         return ex["image"], y
 
     ds = read_split(split_dir, split, image_size).map(to_xy, num_parallel_calls=AUTOTUNE)
+    if limit is not None:
+        ds = ds.take(limit)
     if cache:
         ds = ds.cache()
     if training:

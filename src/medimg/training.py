@@ -33,6 +33,7 @@ class TrainPlan:
     learning_rate: float
     schedule: str
     weights: str
+    augmentation: bool = True
     model_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,6 +60,7 @@ def resolve_plan(params: Params, arch: str) -> TrainPlan:
         learning_rate=pick("learning_rate", spec.learning_rate),
         schedule=pick("schedule", spec.schedule),
         weights=pick("weights", "none"),
+        augmentation=spec.augmentation if o is None or o.augmentation is None else o.augmentation,
         model_params=dict(o.model) if o else {},
     )
 
@@ -253,7 +255,11 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
     with strategy.scope():
         shape = (plan.image_size, plan.image_size, 3)
         model = build_model(arch, shape, num_classes, **_model_kwargs(plan))
-        trainer = with_augmentation(model, build_augmenter(params.train.augment, params.seed))
+        trainer = (
+            with_augmentation(model, build_augmenter(params.train.augment, params.seed))
+            if plan.augmentation
+            else model
+        )
         compile_model(trainer, plan, num_classes, steps, params.train.xla)
 
     tracking.configure(params.mlflow, params.dataset.name)

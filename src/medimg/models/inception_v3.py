@@ -28,6 +28,7 @@ from medimg.models.weights import freeze, imagenet_base
     schedule="constant",
     pretrained=True,
     min_size=75,
+    augmentation=False,
 )
 def inception_v3(
     input_shape: tuple[int, int, int],

@@ -39,6 +39,9 @@ class ModelSpec:
     # Smallest H/W the architecture accepts (InceptionV3 needs 75 px, the rest 32 px); checked
     # up front so a too-small image_size is a ConfigError, not a Keras shape error deep inside.
     min_size: int = 32
+    # Whether the recipe trained with ImageDataGenerator augmentation (`train.augment`):
+    # seed 001's basic CNN and frozen VGG-19 and seed 004's InceptionV3 did not.
+    augmentation: bool = True
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -53,6 +56,7 @@ def register_model(
     schedule: str,
     pretrained: bool = False,
     min_size: int = 32,
+    augmentation: bool = True,
 ) -> Callable[[Builder], Builder]:
     """Register `builder(input_shape, num_classes, **params)` under `name`.
 
@@ -80,6 +84,7 @@ def register_model(
             pretrained=pretrained,
             description=doc.split("\n\n")[0].replace("\n", " "),
             min_size=min_size,
+            augmentation=augmentation,
         )
         return builder
 

@@ -20,7 +20,12 @@ from medimg.models.registry import register_model
 
 
 @register_model(
-    "simple_cnn", default_size=125, optimizer="adam", learning_rate=1e-3, schedule="plateau"
+    "simple_cnn",
+    default_size=125,
+    optimizer="adam",
+    learning_rate=1e-3,
+    schedule="plateau",
+    augmentation=False,
 )
 def simple_cnn(
     input_shape: tuple[int, int, int],

@@ -42,6 +42,7 @@ def _vgg19(
     learning_rate=1e-4,
     schedule="plateau",
     pretrained=True,
+    augmentation=False,
 )
 def vgg19_frozen(
     input_shape: tuple[int, int, int],
