@@ -162,3 +162,9 @@ def split_params(tmp_path: Path):
     params = tiny_params(tmp_path)
     write_split_dir(params)
     return params
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest first: the end-to-end repro (~3 min) starts at once on one xdist worker while
+    the other takes the unit tests; collected in path order, it would start half-way."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
