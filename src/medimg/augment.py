@@ -50,7 +50,6 @@ class RandomAffine(keras.layers.Layer):
         self.vertical_flip = bool(vertical_flip)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_masking = False
 
     def get_config(self) -> dict:
         return super().get_config() | {

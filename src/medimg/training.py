@@ -46,7 +46,7 @@ def resolve_plan(params: Params, arch: str) -> TrainPlan:
     o = t.overrides.get(arch)
 
     def pick(name: str, recipe: Any) -> Any:
-        for value in (getattr(o, name, None) if o else None, getattr(t, name)):
+        for value in (getattr(o, name, None), getattr(t, name, None)):
             if value is not None:
                 return value
         return recipe
@@ -60,7 +60,7 @@ def resolve_plan(params: Params, arch: str) -> TrainPlan:
         learning_rate=pick("learning_rate", spec.learning_rate),
         schedule=pick("schedule", spec.schedule),
         weights=pick("weights", "none"),
-        augmentation=spec.augmentation if o is None or o.augmentation is None else o.augmentation,
+        augmentation=pick("augmentation", spec.augmentation),  # `train:` has no such key
         model_params=dict(o.model) if o else {},
     )
 
