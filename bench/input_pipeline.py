@@ -43,8 +43,8 @@ def prepare(zip_path: Path, work: Path, limit: int):
     """Our data stages on the real zip (patient split), plus the PNGs as class folders."""
     from medimg.config import parse_params
     from medimg.download import run as download
-    from medimg.splitting import run as split
-    from medimg.validation import run as validate
+    from medimg.split import run as split
+    from medimg.validate import run as validate
 
     paths = {k: str(work / k) for k in ("raw", "validated", "split", "reports", "gx")}
     params = parse_params(
@@ -80,8 +80,8 @@ def epoch_rate(make_iter, epochs: int = 1) -> float:
 def pipeline_vs_generator(params, folder: Path, n: int, size: int) -> list[list[str]]:
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
-    from medimg.augment import build_augmenter
-    from medimg.data import AUTOTUNE, make_dataset
+    from medimg.models.augment import build_augmenter
+    from medimg.data.shards import AUTOTUNE, make_dataset
 
     aug = build_augmenter(params.train.augment, 0)
     ds = make_dataset(params.paths.split, "train", size, 32, num_classes=2, training=True, limit=n)
@@ -126,8 +126,8 @@ def fit_ratio(params, arch: str, size: int, limit: int, rounds: int = 5) -> list
     This CPU's speed drifts by ±30% over a minute (shared host), so timing one input after the
     other measures the drift; alternating epochs and taking medians cancels it.
     """
-    from medimg.augment import build_augmenter, with_augmentation
-    from medimg.data import load_arrays, make_dataset
+    from medimg.models.augment import build_augmenter, with_augmentation
+    from medimg.data.shards import load_arrays, make_dataset
     from medimg.models import build_model
 
     n = limit // 32 * 32  # whole batches on both sides
@@ -155,7 +155,7 @@ def fit_ratio(params, arch: str, size: int, limit: int, rounds: int = 5) -> list
 
 
 def zoo_row(arch: str, work: Path) -> list[str]:
-    from medimg.export import images_per_second
+    from medimg.analysis.edge import images_per_second
     from medimg.models import build_model, get_spec
 
     size = get_spec(arch).default_size

@@ -70,13 +70,13 @@ def worker(args: argparse.Namespace) -> None:
 
         tf.config.threading.set_intra_op_parallelism_threads(args.n_threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        from medimg.evaluation import load_model
+        from medimg.models.loading import load_model
         from medimg.predict import probabilities
 
         model = load_model(args.model_file)
         rate = timed_pass(lambda x: probabilities(model, x), images, args.batch_size)
     else:
-        from medimg.export import TFLiteModel
+        from medimg.analysis.edge import TFLiteModel
 
         lite = TFLiteModel(args.model_file.read_bytes(), threads=args.n_threads)
         rate = timed_pass(lambda x: lite.predict(x, batch_size=len(x)), images, args.batch_size)
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="medimg-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model_file, origin = load_or_build(args.model, tmp)
-        from medimg.evaluation import load_model
-        from medimg.export import to_tflite
+        from medimg.models.loading import load_model
+        from medimg.analysis.edge import to_tflite
         from medimg.predict import model_size
 
         model = load_model(model_file)

@@ -28,13 +28,13 @@ def main() -> None:
 
     import keras
 
-    from medimg.augment import build_augmenter, with_augmentation
+    from medimg.models.augment import build_augmenter, with_augmentation
     from medimg.config import load_params
-    from medimg.data import make_dataset
+    from medimg.data.shards import make_dataset
     from medimg.download import run as download
     from medimg.models import build_model, get_spec
-    from medimg.splitting import run as split
-    from medimg.validation import run as validate
+    from medimg.split import run as split
+    from medimg.validate import run as validate
 
     work = Path(tempfile.mkdtemp(prefix="medimg-synth-"))
     base = load_params(REPO / "params.yaml")

@@ -1,7 +1,7 @@
 """DVC stage `train`: train one architecture (the matrix item) and track it in MLflow."""
 
 from medimg.cli import stage_main
-from medimg.training import run
+from medimg.train import run
 
 if __name__ == "__main__":
     stage_main(run)

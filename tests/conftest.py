@@ -124,9 +124,9 @@ def write_split_dir(params, per_split=(48, 16, 16), classes=("Uninfected", "Para
     """Shards + split.parquet + classes.json as the split stage leaves them, for train tests."""
     import pandas as pd
 
-    from medimg.data import write_shards
+    from medimg.data.shards import write_shards
     from medimg.io import write_json
-    from medimg.splitting import fingerprint, summarise
+    from medimg.split import fingerprint, summarise
 
     rng = np.random.default_rng(0)
     rows, images = [], {}

@@ -464,7 +464,9 @@ def test_synthetic_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         zip_tree(make_nih_tree(tmp_path / "gen", per_class=2), dest)
         return {}
 
-    monkeypatch.setitem(sys.modules, "medimg.synthetic", types.SimpleNamespace(generate=generate))
+    monkeypatch.setitem(
+        sys.modules, "medimg.data.synthetic", types.SimpleNamespace(generate=generate)
+    )
     params = parse_params(_params(tmp_path) | {"seed": 7})
     summary = run(params)
     assert calls == [("images.zip", params.dataset.synthetic, 7)]
@@ -477,7 +479,9 @@ def test_synthetic_failure_keeps_earlier(tmp_path: Path, monkeypatch: pytest.Mon
         dest.write_bytes(b"half a zip")
         raise DataError("generator broke")
 
-    monkeypatch.setitem(sys.modules, "medimg.synthetic", types.SimpleNamespace(generate=generate))
+    monkeypatch.setitem(
+        sys.modules, "medimg.data.synthetic", types.SimpleNamespace(generate=generate)
+    )
     dest, old, mtime = _earlier(tmp_path)
     with pytest.raises(DataError, match="generator broke"):
         run(parse_params(_params(tmp_path)))
@@ -486,12 +490,12 @@ def test_synthetic_failure_keeps_earlier(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_real_synthetic_generator(tmp_path: Path) -> None:
-    if importlib.util.find_spec("medimg.synthetic") is None:
-        pytest.skip("medimg.synthetic not written yet")
-    from medimg import synthetic
+    if importlib.util.find_spec("medimg.data.synthetic") is None:
+        pytest.skip("medimg.data.synthetic not written yet")
+    from medimg.data import synthetic
 
     if not hasattr(synthetic, "generate"):
-        pytest.skip("medimg.synthetic.generate not written yet")
+        pytest.skip("medimg.data.synthetic.generate not written yet")
     small = {"patients": 2, "cells_per_patient": [2, 3], "size_range": [32, 40]}
     summary = run(parse_params(_params(tmp_path, synthetic=small)))
     assert summary["source"] == "synthetic"

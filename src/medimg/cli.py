@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,107 +42,54 @@ def _check_params(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
-def _gate(params: Params, args: argparse.Namespace) -> int:
-    from medimg.registry import gate
-
-    return gate(params)
-
-
-def _rollback(params: Params, args: argparse.Namespace) -> int:
-    from medimg.registry import rollback
-
-    rollback(params)
-    return 0
-
-
-MODEL_HELP = (
-    "alias of the registered model (champion, challenger, previous), a version number, a run "
-    "id, runs:/ or models:/ URI, or a .keras file (default: %(default)s)"
-)
-
-
-def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "paths",
-        nargs="*",
-        metavar="PATHS",
-        help="image files, folders (searched recursively) and globs",
-    )
-    p.add_argument("--model", default="champion", help=MODEL_HELP)
-    p.add_argument("--format", dest="fmt", choices=("table", "csv", "json"), default="table")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="decision threshold on P(positive) (default: the version's "
-        "operating_threshold tag, else 0.5)",
-    )
-    p.add_argument("-o", "--output", default=None, help="write the results here, not stdout")
-
-
-def _predict(params: Params, args: argparse.Namespace) -> int:
-    from medimg.predict import predict_command
-
-    return predict_command(
-        params, args.paths, args.model, args.fmt, args.batch_size, args.threshold, args.output
-    )
-
-
-def _explain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("-o", "--output", required=True, help="overlay PNG to write")
-    p.add_argument("--model", default="champion", help=MODEL_HELP)
-
-
-def _explain(params: Params, args: argparse.Namespace) -> int:
-    from medimg.predict import explain_command
-
-    explain_command(params, args.image, args.output, args.model)
-    return 0
-
-
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", dest="fmt", choices=("tflite",), default="tflite")
-    p.add_argument("--quantize", choices=("none", "float16", "int8"), default="none")
-    p.add_argument("--model", default="champion", help=MODEL_HELP)
-    p.add_argument(
-        "-o",
-        "--output",
-        default=None,
-        help="default: models/export/<name>-v<version>-<quantize>.tflite",
-    )
-
-
-def _export(params: Params, args: argparse.Namespace) -> int:
-    from medimg.predict import export_command
-
-    export_command(params, args.quantize, args.model, args.output, args.fmt)
-    return 0
-
-
 Handler = Callable[[Params, argparse.Namespace], int]
 AddArguments = Callable[[argparse.ArgumentParser], None]
+
+
+def _lazy(module: str, function: str = "run") -> Handler:
+    """A handler that imports its command module only when that command runs: `medimg
+    check-params` should not pay for importing TensorFlow."""
+
+    def handler(params: Params, args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"medimg.commands.{module}"), function)(
+            params, args
+        )
+
+    return handler
+
+
+def _arguments(module: str) -> AddArguments:
+    def add(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"medimg.commands.{module}").add_arguments(parser)
+
+    return add
+
 
 # name: (help, handler) or (help, handler, add_arguments) for a command with its own options.
 COMMANDS: dict[str, tuple[str, Handler] | tuple[str, Handler, AddArguments]] = {
     "check-params": ("validate params.yaml and print the resolved config", _check_params),
-    "gate": ("re-check the promotion gate (exit 0 pass, 1 fail); CI calls this", _gate),
-    "rollback": ("move the champion alias back to the previous version", _rollback),
+    "gate": (
+        "re-check the promotion gate (exit 0 pass, 1 fail); CI calls this",
+        _lazy("gate", "run_gate"),
+    ),
+    "rollback": (
+        "move the champion alias back to the previous version",
+        _lazy("gate", "run_rollback"),
+    ),
     "predict": (
         "classify image files with a registered model (exit 1 if any file failed)",
-        _predict,
-        _predict_args,
+        _lazy("predict"),
+        _arguments("predict"),
     ),
     "explain": (
         "write a Grad-CAM overlay of one image, predicted class in the title",
-        _explain,
-        _explain_args,
+        _lazy("explain"),
+        _arguments("explain"),
     ),
     "export": (
         "export a model to TFLite after a test-split parity check (>= 99 percent agreement)",
-        _export,
-        _export_args,
+        _lazy("export"),
+        _arguments("export"),
     ),
 }
 

@@ -49,6 +49,26 @@ class SyntheticConfig(Frozen):
         return self
 
 
+class OctSyntheticConfig(Frozen):
+    """Size and difficulty of the offline OCT2017-like generator (medimg.data.synthetic_oct)."""
+
+    patients: Annotated[int, Field(ge=4)] = 40  # >= 4 so every class has a patient
+    images_per_patient: tuple[PosInt, PosInt] = (4, 8)
+    mild_fraction: Fraction = 0.2  # diseased scans drawn with faint lesions
+    width_choices: Annotated[
+        tuple[Annotated[int, Field(ge=64, le=1024)], ...], Field(min_length=1)
+    ] = (512, 768)
+    height: Annotated[int, Field(ge=64, le=1024)] = 496
+    jpeg_quality: Annotated[int, Field(ge=50, le=95)] = 90
+
+    @model_validator(mode="after")
+    def _ordered(self) -> OctSyntheticConfig:
+        lo, hi = self.images_per_patient
+        if lo > hi:
+            raise ValueError(f"images_per_patient: low {lo} is above high {hi}")
+        return self
+
+
 class ArchiveLimits(Frozen):
     """Bounds that keep a hostile or broken archive from filling disk or memory."""
 
@@ -67,6 +87,7 @@ class DatasetConfig(Frozen):
     retries: Annotated[int, Field(ge=0, le=20)] = 5
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     synthetic: SyntheticConfig = SyntheticConfig()
+    synthetic_oct: OctSyntheticConfig = OctSyntheticConfig()
     limits: ArchiveLimits = ArchiveLimits()
 
     @model_validator(mode="after")
@@ -77,7 +98,7 @@ class DatasetConfig(Frozen):
 
 
 class ValidateConfig(Frozen):
-    """Expectations on the manifest; see medimg.validation for the policy."""
+    """Expectations on the manifest; see medimg.validate for the policy."""
 
     # Order is the label order: index i = classes[i]. With two classes the second is the
     # positive class (the sigmoid unit predicts it; sensitivity is measured on it).

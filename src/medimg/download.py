@@ -2,7 +2,7 @@
 
 Every source (synthetic, url, local) is normalised to a zip so the later stages read one
 format and DVC tracks one file. Nothing reaches `images.zip` before it has passed the
-`medimg.archive` header checks (and, for a download, its pinned size and sha256), and it only
+`medimg.data.archive` header checks (and, for a download, its pinned size and sha256), and it only
 ever appears there by `os.replace`: a failed run leaves the previous archive as it was.
 """
 
@@ -24,8 +24,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from medimg.archive import Member, archive_kind, iter_members, scan
 from medimg.config import ArchiveLimits, DatasetConfig, Params
+from medimg.data.archive import Member, archive_kind, iter_members, scan
 from medimg.errors import DataError
 from medimg.io import atomic_path
 
@@ -304,7 +304,7 @@ def _from_local(ds: DatasetConfig, dest: Path) -> list[Member]:
 
 
 def _from_synthetic(params: Params, dest: Path) -> list[Member]:
-    from medimg.synthetic import generate  # heavy (numpy, PIL) and only needed here
+    from medimg.data.synthetic import generate  # heavy (numpy, PIL) and only needed here
 
     with tempfile.TemporaryDirectory(prefix=".synthetic.", dir=dest.parent) as scratch:
         built = Path(scratch) / dest.name

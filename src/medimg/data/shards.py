@@ -1,0 +1,152 @@
+"""TFRecord shards and the tf.data input pipeline.
+
+Shards hold the original encoded bytes (PNG/JPEG), so one split serves every architecture:
+each model's input size is applied at read time. A few shard files are also far cheaper for
+DVC to hash and check than 27k loose PNGs. The pipeline is
+shards → parallel decode → resize → cache → shuffle → batch → prefetch, deterministic for a
+seed; augmentation lives in the model's training graph (medimg.models.augment), not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "patient": tf.io.FixedLenFeature([], tf.string),
+    "path": tf.io.FixedLenFeature([], tf.string),
+}
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _example(image: bytes, label: int, patient: str, path: str) -> bytes:
+    def b(v: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    feature = {
+        "image": b(image),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "patient": b(patient.encode()),
+        "path": b(path.encode()),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def shard_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:03d}-of-{total:03d}.tfrecord"
+
+
+def write_shards(
+    frame: pd.DataFrame, images: Mapping[str, bytes], out_dir: Path, shards: int, seed: int
+) -> dict[str, list[str]]:
+    """Write each split's rows, shuffled once by `seed`, round-robin into `shards` files."""
+    written: dict[str, list[str]] = {}
+    for split, rows in frame.groupby("split", sort=True):
+        rows = rows.sample(frac=1.0, random_state=seed)
+        n = max(1, min(shards, len(rows)))
+        names = [shard_name(str(split), i, n) for i in range(n)]
+        writers = [tf.io.TFRecordWriter(str(out_dir / name)) for name in names]
+        try:
+            for i, row in enumerate(rows.itertuples(index=False)):
+                writers[i % n].write(
+                    _example(images[row.path], int(row.label), str(row.patient), row.path)
+                )
+        finally:
+            for w in writers:
+                w.close()
+        written[str(split)] = names
+    return written
+
+
+def shard_files(split_dir: str | Path, split: str) -> list[str]:
+    files = sorted(str(p) for p in Path(split_dir).glob(f"{split}-*.tfrecord"))
+    if not files:
+        raise FileNotFoundError(f"{split_dir}: no {split} shards; run the split stage first")
+    return files
+
+
+def decode(record: tf.Tensor, image_size: int) -> dict[str, tf.Tensor]:
+    """Parse one Example to a float32 0–255 RGB image of `image_size` and its metadata."""
+    ex = tf.io.parse_single_example(record, FEATURES)
+    img = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+    img = tf.image.resize(img, (image_size, image_size), antialias=True)
+    img = tf.clip_by_value(img, 0.0, 255.0)
+    return {"image": img, "label": ex["label"], "patient": ex["patient"], "path": ex["path"]}
+
+
+def read_split(split_dir: str | Path, split: str, image_size: int) -> tf.data.Dataset:
+    """Decoded, unbatched examples in a fixed order (shard order, then record order)."""
+    files = shard_files(split_dir, split)
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=len(files))
+    return ds.map(lambda r: decode(r, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def make_dataset(
+    split_dir: str | Path,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    *,
+    num_classes: int,
+    training: bool = False,
+    seed: int = 0,
+    cache: bool = True,
+    shuffle_buffer: int = 2048,
+    limit: int | None = None,
+) -> tf.data.Dataset:
+    """(image, label) batches for Keras `fit`/`evaluate`.
+
+    Binary labels are float (N, 1) for a sigmoid unit; multi-class labels stay sparse ints.
+    `limit` keeps the first examples *before* the cache: a `take` after it would stop every
+    epoch short of a complete cache, and tf.data then throws the partial cache away.
+    """
+
+    def to_xy(ex: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        label = ex["label"]
+        y = tf.cast(tf.expand_dims(label, -1), tf.float32) if num_classes == 2 else label
+        return ex["image"], y
+
+    ds = read_split(split_dir, split, image_size).map(to_xy, num_parallel_calls=AUTOTUNE)
+    if limit is not None:
+        ds = ds.take(limit)
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def load_arrays(
+    split_dir: str | Path, split: str, image_size: int
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """The whole split in memory: images (N,S,S,3) float32, labels, patients and paths."""
+    xs, ys, patients, paths = [], [], [], []
+    for ex in read_split(split_dir, split, image_size).batch(256).as_numpy_iterator():
+        xs.append(ex["image"])
+        ys.append(ex["label"])
+        patients += [p.decode() for p in ex["patient"]]
+        paths += [p.decode() for p in ex["path"]]
+    if not xs:
+        return np.zeros((0, image_size, image_size, 3), np.float32), np.zeros(0, np.int64), [], []
+    return np.concatenate(xs), np.concatenate(ys), patients, paths
+
+
+def split_arrays(
+    split_dir: str | Path, split: str, image_size: int
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """`load_arrays`, or a one-line DataError when the split is missing or empty."""
+    from medimg.errors import DataError
+
+    try:
+        arrays = load_arrays(split_dir, split, image_size)
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
+    if len(arrays[0]) == 0:
+        raise DataError(f"{split_dir}: the {split} split is empty")
+    return arrays

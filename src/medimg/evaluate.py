@@ -1,0 +1,298 @@
+"""The `evaluate` stage: clinical metrics of one architecture on the held-out test patients.
+
+The operating threshold is chosen on the validation split (for `evaluate.target_sensitivity`:
+missing an infection costs more than a false alarm) and then applied unchanged to test, so
+the reported sensitivity is an honest estimate. Confidence intervals resample patients, not
+cells, because cells of one patient are not independent. The same numbers go to DVC
+(`reports/eval/<arch>.json`) and into the architecture's MLflow training run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medimg import tracking
+from medimg.analysis import metrics as M
+from medimg.analysis.edge import edge_check, images_per_second, representative
+from medimg.config import EvaluateConfig, Params
+from medimg.data.shards import split_arrays
+from medimg.io import atomic_dir, read_json, write_json, write_text
+from medimg.models.loading import load_model
+from medimg.scoring import predicted_labels, probabilities
+
+CI_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+def _rate(y: np.ndarray, pred: np.ndarray, cls: int) -> float | None:
+    mask = y == cls
+    return float(np.mean(pred[mask] == cls)) if mask.any() else None
+
+
+def _ci_fn(name: str, threshold: float, binary: bool):
+    """A cheap (y, scores) -> float metric for the bootstrap loop, at a fixed threshold."""
+    if not binary:
+        return lambda y, p: float(np.mean(p.argmax(1) == y))
+    fns = {
+        "accuracy": lambda y, p: float(np.mean((p >= threshold) == y)),
+        "sensitivity": lambda y, p: _rate(y, (p >= threshold).astype(int), 1),
+        "specificity": lambda y, p: _rate(y, (p >= threshold).astype(int), 0),
+        "roc_auc": M.rank_auc,
+    }
+    return fns[name]
+
+
+def confidence_intervals(
+    y: np.ndarray,
+    probs: np.ndarray,
+    groups: list[str],
+    cfg: EvaluateConfig,
+    seed: int,
+    threshold: float,
+) -> dict[str, Any]:
+    """Patient-level bootstrap CIs of the headline metrics (accuracy only for multi-class)."""
+    binary = probs.ndim == 1
+    names = CI_METRICS if binary else ("accuracy",)
+    return {
+        name: M.bootstrap_ci(
+            y, probs, groups, _ci_fn(name, threshold, binary), cfg.bootstrap, cfg.ci, seed
+        )
+        for name in names
+    }
+
+
+def score(
+    y_test: np.ndarray,
+    p_test: np.ndarray,
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    groups: list[str],
+    classes: list[str],
+    cfg: EvaluateConfig,
+    seed: int,
+) -> dict[str, Any]:
+    """Pure: every test metric, the operating threshold and its CIs."""
+    if p_test.ndim == 2:
+        result = M.multiclass_metrics(y_test, p_test, classes, n_bins=cfg.calibration_bins)
+        result["ci"] = confidence_intervals(y_test, p_test, groups, cfg, seed, 0.5)
+        return result
+    threshold = M.threshold_for_sensitivity(y_val, p_val, cfg.target_sensitivity)
+    result = M.binary_metrics(y_test, p_test, threshold=0.5, n_bins=cfg.calibration_bins)
+    result["positive_class"] = classes[1]
+    result["operating_point"] = {
+        "target_sensitivity": cfg.target_sensitivity,
+        "chosen_on": "val",
+        **M.binary_metrics(y_test, p_test, threshold=threshold),
+    }
+    result["ci"] = confidence_intervals(y_test, p_test, groups, cfg, seed, 0.5)
+    return result
+
+
+def predictions_frame(
+    paths: list[str],
+    patients: list[str],
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    threshold: float,
+) -> pd.DataFrame:
+    """One row per test image; `actual`/`predicted` feed `dvc plots` confusion matrices."""
+    pred = predicted_labels(probs, threshold)
+    frame = pd.DataFrame(
+        {
+            "path": paths,
+            "patient": patients,
+            "actual": [classes[i] for i in y],
+            "predicted": [classes[i] for i in pred],
+            "correct": pred == y,
+        }
+    )
+    if probs.ndim == 1:
+        frame[f"p_{classes[1]}"] = probs
+    else:
+        for i, c in enumerate(classes):
+            frame[f"p_{c}"] = probs[:, i]
+    return frame
+
+
+def gradcam_picks(
+    y: np.ndarray, probs: np.ndarray, cls: int, n: int
+) -> tuple[list[int], list[int]]:
+    """The worst misclassified images of true class `cls` (most confident wrong), then the
+    most confident correct ones, n in all."""
+    pred = predicted_labels(probs)
+    conf = np.where(probs >= 0.5, probs, 1 - probs) if probs.ndim == 1 else probs.max(1)
+    idx = np.flatnonzero(y == cls)
+    wrong = idx[pred[idx] != cls]
+    right = idx[pred[idx] == cls]
+    wrong = wrong[np.argsort(-conf[wrong])][: max(n // 2, n - len(right))]
+    right = right[np.argsort(-conf[right])][: n - len(wrong)]
+    return wrong.tolist(), right.tolist()
+
+
+def gradcam_figures(
+    model: Any, x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], n: int
+) -> dict[str, Any]:
+    from medimg.analysis.gradcam import grad_cam
+    from medimg.analysis.plots import gradcam_grid
+
+    figures = {}
+    pred = predicted_labels(probs)
+    for cls, name in enumerate(classes):
+        wrong, right = gradcam_picks(y, probs, cls, n)
+        picks = wrong + right
+        if not picks:
+            continue
+        heat = grad_cam(model, x[picks])
+        titles = [f"{'WRONG' if i in wrong else 'ok'}: {name} → {classes[pred[i]]}" for i in picks]
+        figures[name] = gradcam_grid(x[picks] / 255.0, heat, titles)
+    return figures
+
+
+def edge_figures(
+    model: Any,
+    params: Params,
+    size: int,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    keras_probs: np.ndarray,
+) -> tuple[dict[str, Any], bytes | None]:
+    """TFLite int8 size, accuracy against the float model, and single-thread images/s."""
+    cfg = params.evaluate
+    bench = x_test[: cfg.benchmark_images]
+    keras_ips = images_per_second(model.predict_on_batch, bench, batch_size=32, min_seconds=1.0)
+    result: dict[str, Any] = {"keras_cpu_images_per_s": round(keras_ips, 1)}
+    if not cfg.tflite_int8:
+        return result, None
+    x_train, *_ = split_arrays(params.paths.split, "train", size)
+    calibration = representative(x_train, cfg.representative_samples, params.seed)
+    check = edge_check(model, "int8", x_test, y_test, keras_probs, calibration=calibration)
+    result |= {
+        "int8_bytes": check.size,
+        "int8_accuracy": check.accuracy,
+        "int8_agreement": check.agreement,
+        "int8_images_per_s_1thread": round(images_per_second(check.lite.predict, bench[:64]), 1),
+    }
+    return result, check.content
+
+
+def write_plots(
+    out: Path,
+    result: dict,
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    cfg: EvaluateConfig,
+    figures: dict[str, Any],
+    train_reports: Path,
+) -> None:
+    from medimg.analysis.plots import (
+        plot_confusion_matrix,
+        plot_pr,
+        plot_reliability,
+        plot_roc,
+        save_figure,
+    )
+
+    names = None if probs.ndim == 1 else classes
+    save_figure(plot_confusion_matrix(result["confusion_matrix"], classes), out / "confusion.png")
+    save_figure(plot_roc(y, probs, names), out / "roc.png")
+    save_figure(plot_pr(y, probs, names), out / "pr.png")
+    save_figure(plot_reliability(y, probs, n_bins=cfg.calibration_bins), out / "calibration.png")
+    for name, fig in figures.items():
+        save_figure(fig, out / f"gradcam_{name}.png")
+    curves = train_reports / "learning_curves.png"
+    if curves.exists():
+        (out / "learning_curves.png").write_bytes(curves.read_bytes())
+
+
+def roc_csv(y: np.ndarray, probs: np.ndarray) -> str:
+    from sklearn.metrics import roc_curve
+
+    if probs.ndim != 1 or len(np.unique(y)) < 2:
+        return "fpr,tpr,threshold\n"
+    fpr, tpr, thr = roc_curve(y, probs)
+    thr = np.clip(thr, 0.0, 1.0)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr}).to_csv(index=False)
+
+
+def headline(result: dict[str, Any], train: dict[str, Any], edge: dict[str, Any]) -> dict:
+    """The flat numbers `dvc metrics show` and the comparison table use."""
+    keys = (
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "roc_auc",
+        "pr_auc",
+        "mcc",
+        "brier",
+        "ece",
+    )
+    flat = {k: result[k] for k in keys if k in result}
+    flat |= {f"{k}_ci": [v["low"], v["high"]] for k, v in result["ci"].items()}
+    flat |= {"params": train.get("params"), "keras_bytes": train.get("keras_bytes"), **edge}
+    return flat
+
+
+def run(params: Params, arch: str) -> dict[str, Any]:
+    """Evaluate `arch` on test, write reports/eval/<arch>.json + plots, log to its MLflow run."""
+    paths, cfg = params.paths, params.evaluate
+    info = read_json(paths.classes_json)
+    classes = info["classes"]
+    run_info = read_json(paths.train_run(arch))
+    train_metrics = read_json(paths.train_reports(arch) / "metrics.json")
+    size = int(run_info["image_size"])
+    model = load_model(paths.model_file(arch))
+
+    x_val, y_val, _, _ = split_arrays(paths.split, "val", size)
+    x, y, patients, img_paths = split_arrays(paths.split, "test", size)
+    p_val, probs = probabilities(model, x_val), probabilities(model, x)
+    result = score(y, probs, y_val, p_val, patients, classes, cfg, params.seed)
+    edge, int8 = edge_figures(model, params, size, x, y, probs)
+    figures = gradcam_figures(model, x, y, probs, classes, cfg.gradcam_examples)
+
+    flat = headline(result, train_metrics, edge)
+    out = paths.eval_reports(arch)
+    with atomic_dir(out) as tmp:
+        write_plots(tmp, result, y, probs, classes, cfg, figures, paths.train_reports(arch))
+        if int8 is not None:
+            (tmp / "model_int8.tflite").write_bytes(int8)
+        write_json(tmp / "details.json", {**result, "edge": edge, "architecture": arch})
+    frame = predictions_frame(img_paths, patients, y, probs, classes, 0.5)
+    write_text(paths.eval_predictions(arch), frame.to_csv(index=False))
+    write_text(paths.eval_roc(arch), roc_csv(y, probs))
+    write_json(paths.eval_metrics(arch), flat)
+    files = [*sorted(out.iterdir()), paths.eval_predictions(arch), paths.eval_roc(arch)]
+    _log(params, run_info, flat, files, info["fingerprint"])
+    print(
+        f"evaluate {arch}: accuracy {flat['accuracy']:.4f} "
+        f"CI {flat['accuracy_ci']} on {len(y)} test images"
+    )
+    return flat
+
+
+SIZES = ("params", "keras_bytes", "int8_bytes")  # counts: tags (a re-evaluation may change them)
+
+
+def _log(params: Params, run_info: dict, flat: dict, files: list[Path], fingerprint: str) -> None:
+    """The test numbers into the training run, linked to its logged model and the split."""
+    tracking.configure(params.mlflow, params.dataset.name)
+    paths = params.paths
+    with tracking.run(run_id=run_info["run_id"]):
+        dataset = tracking.split_dataset(paths.split_manifest, params.dataset.name, fingerprint)
+        tracking.log_dataset(dataset, "test")
+        values = {k: v for k, v in flat.items() if not k.endswith("_ci") and k not in SIZES}
+        for name, ci in flat.items():
+            if name.endswith("_ci") and ci[0] is not None:
+                values |= {f"{name}_low": ci[0], f"{name}_high": ci[1]}
+        link = {"model_id": run_info.get("model_id"), "dataset": dataset}
+        tracking.log_metrics(values, prefix="test_", **link)
+        sizes = {f"test_{k}": flat[k] for k in SIZES if flat.get(k) is not None}
+        tracking.set_tags({"eval_fingerprint": fingerprint, **sizes})
+        for file in files:
+            tracking.log_artifact(file, "eval")

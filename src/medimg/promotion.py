@@ -1,0 +1,279 @@
+"""The promotion gate: champion/challenger with MLflow aliases.
+
+The best architecture (by `register.metric`) becomes a new version of
+`<dataset>-classifier` with alias `challenger`. It takes `champion` only through the gate:
+absolute floors (accuracy, optionally sensitivity/specificity) and no regression against the
+current champion beyond `gate.max_regression`; when both were tested on the same split
+(same dataset fingerprint), McNemar's test on their paired predictions also must not show the
+candidate significantly worse. A failed gate moves no alias. `medimg gate` re-checks the
+recorded decision against the registry for CI; `medimg rollback` undoes a promotion. The
+`register` stage calls `register_best`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medimg import tracking
+from medimg.config import GateConfig, Params
+from medimg.errors import DataError
+from medimg.io import read_json, write_json, write_text
+
+GATED = ("accuracy", "sensitivity", "specificity")
+
+
+def load_reports(params: Params) -> dict[str, dict[str, Any]]:
+    reports = {}
+    for arch in params.train.architectures:
+        path = params.paths.eval_metrics(arch)
+        if not path.exists():
+            raise DataError(f"{path}: missing; run `dvc repro evaluate` first")
+        reports[arch] = read_json(path)
+    return reports
+
+
+def rank(reports: dict[str, dict[str, Any]], metric: str) -> list[str]:
+    """Best first by `metric`; ties go to the smaller model (the edge goal)."""
+    for arch, rep in reports.items():
+        if rep.get(metric) is None:
+            raise DataError(f"register.metric: {metric!r} is not in reports/eval/{arch}.json")
+    return sorted(reports, key=lambda a: (-reports[a][metric], reports[a].get("params") or 0))
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _mb(size: int | None) -> float | None:
+    return None if size is None else size / 1e6
+
+
+def compare_markdown(reports: dict[str, dict[str, Any]], order: list[str], metric: str) -> str:
+    """The comparison table of every architecture, sorted by the selection metric."""
+    head = (
+        "| # | architecture | accuracy [95% CI] | sensitivity | specificity | ROC AUC | ECE "
+        "| params | .keras MB | int8 MB | int8 acc | Keras img/s | int8 img/s (1 thread) |"
+    )
+    lines = [f"# Architecture comparison (sorted by test {metric})", "", head, "|" + "---|" * 13]
+    for i, arch in enumerate(order, 1):
+        r = reports[arch]
+        lo, hi = r.get("accuracy_ci", [None, None])
+        lines.append(
+            f"| {i} | {arch} | {_fmt(r['accuracy'])} [{_fmt(lo)}, {_fmt(hi)}] "
+            f"| {_fmt(r.get('sensitivity'))} | {_fmt(r.get('specificity'))} "
+            f"| {_fmt(r.get('roc_auc'))} | {_fmt(r.get('ece'))} | {_fmt(r.get('params'), ',')} "
+            f"| {_fmt(_mb(r.get('keras_bytes')), '.2f')} | {_fmt(_mb(r.get('int8_bytes')), '.3f')} "
+            f"| {_fmt(r.get('int8_accuracy'))} | {_fmt(r.get('keras_cpu_images_per_s'), '.0f')} "
+            f"| {_fmt(r.get('int8_images_per_s_1thread'), '.0f')} |"
+        )
+    lines += [
+        "",
+        "Accuracy intervals: patient-level bootstrap. Sensitivity/specificity at 0.5; "
+        "the operating point chosen on validation is in reports/eval/<arch>/details.json.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def paired_test(candidate_csv: Path, champion_csv: Path | None) -> dict[str, Any] | None:
+    """McNemar on the images both models predicted (joined by path), or None."""
+    from medimg.analysis.metrics import mcnemar
+
+    if champion_csv is None or not champion_csv.exists():
+        return None
+    a = pd.read_csv(champion_csv)[["path", "correct"]]
+    b = pd.read_csv(candidate_csv)[["path", "correct"]]
+    both = a.merge(b, on="path", suffixes=("_champion", "_candidate"))
+    if both.empty:
+        return None
+    result = mcnemar(both["correct_champion"].to_numpy(), both["correct_candidate"].to_numpy())
+    return {**result, "n": len(both)}
+
+
+def decide(
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    paired: dict[str, Any] | None,
+    cfg: GateConfig,
+) -> dict[str, Any]:
+    """Pure: the gate's verdict, every check with its numbers and a reason per failure."""
+    floors = {
+        "accuracy": cfg.min_accuracy,
+        "sensitivity": cfg.min_sensitivity,
+        "specificity": cfg.min_specificity,
+    }
+    checks, reasons = [], []
+    for name, floor in floors.items():
+        if floor is None:
+            continue
+        value = candidate.get(name)
+        ok = value is not None and value >= floor
+        checks.append({"check": f"min_{name}", "value": value, "bound": floor, "passed": ok})
+        if not ok:
+            reasons.append(f"test {name} {_fmt(value)} is below gate.min_{name} {floor}")
+    if champion is not None:
+        drop = champion["accuracy"] - candidate["accuracy"]
+        ok = drop <= cfg.max_regression
+        checks.append(
+            {
+                "check": "max_regression",
+                "value": drop,
+                "bound": cfg.max_regression,
+                "passed": ok,
+                "champion_accuracy": champion["accuracy"],
+            }
+        )
+        if not ok:
+            reasons.append(
+                f"accuracy {candidate['accuracy']:.4f} is {drop:.4f} below the "
+                f"champion's {champion['accuracy']:.4f} (gate.max_regression "
+                f"{cfg.max_regression})"
+            )
+    if paired is not None:
+        worse = paired["b10"] > paired["b01"]  # champion right & candidate wrong dominates
+        ok = not (worse and paired["p_value"] < cfg.alpha)
+        checks.append(
+            {
+                "check": "mcnemar",
+                "p_value": paired["p_value"],
+                "bound": cfg.alpha,
+                "b01": paired["b01"],
+                "b10": paired["b10"],
+                "passed": ok,
+            }
+        )
+        if not ok:
+            reasons.append(
+                f"McNemar: candidate significantly worse than the champion on the "
+                f"same test images (p={paired['p_value']:.4g} < gate.alpha {cfg.alpha})"
+            )
+    return {"passed": not reasons, "checks": checks, "reasons": reasons}
+
+
+def _champion_state(name: str, fingerprint: str, tmp: Path) -> tuple[dict | None, Path | None]:
+    """The current champion's recorded test metrics and, on the same split, its predictions."""
+    champ = tracking.version_by_alias(name, "champion")
+    if champ is None:
+        return None, None
+    tags = champ["tags"]
+    state = {
+        "version": champ["version"],
+        "run_id": champ["run_id"],
+        "accuracy": float(tags.get("test_accuracy", "nan")),
+        "fingerprint": tags.get("dataset_fingerprint"),
+        "architecture": tags.get("architecture"),
+    }
+    same_split = state["fingerprint"] == fingerprint
+    artifact = f"eval/{state['architecture']}.predictions.csv"
+    csv = tracking.download_run_artifact(champ["run_id"], artifact, tmp) if same_split else None
+    state["same_split"] = same_split
+    return state, csv
+
+
+def _version_tags(params: Params, arch: str, report: dict[str, Any], fingerprint: str) -> dict:
+    """What `medimg gate` and `medimg predict` read back: test figures and the threshold
+    chosen on validation for `evaluate.target_sensitivity`."""
+    tags = {"architecture": arch, "dataset_fingerprint": fingerprint}
+    tags |= {f"test_{k}": report[k] for k in (*GATED, "roc_auc") if report.get(k) is not None}
+    details = params.paths.eval_reports(arch) / "details.json"
+    if details.exists():
+        point = read_json(details).get("operating_point")
+        if point:
+            tags["operating_threshold"] = point["threshold"]
+    return tags
+
+
+def register_best(params: Params, reports: dict, order: list[str]) -> dict[str, Any]:
+    """Register the best architecture as challenger and promote it if it passes the gate."""
+    paths, metric = params.paths, params.register_cfg.metric
+    best = order[0]
+    fingerprint = read_json(paths.classes_json)["fingerprint"]
+    run_info = read_json(paths.train_run(best))
+    name = params.register_cfg.registered_name(params.dataset.name)
+
+    tracking.configure(params.mlflow, params.dataset.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        champion, champ_csv = _champion_state(name, fingerprint, Path(tmp))
+        paired = paired_test(paths.eval_predictions(best), champ_csv)
+    version = tracking.register_version(
+        run_info["model_uri"], name, _version_tags(params, best, reports[best], fingerprint)
+    )
+    tracking.set_alias(name, "challenger", version)
+    decision = decide(reports[best], champion, paired, params.gate)
+    if decision["passed"]:
+        if champion is not None and champion["version"] != version:
+            tracking.set_alias(name, "previous", champion["version"])
+        tracking.set_alias(name, "champion", version)
+    promotion = {
+        "model_name": name,
+        "candidate": {
+            "architecture": best,
+            "version": version,
+            "run_id": run_info["run_id"],
+            **_gated(reports[best]),
+        },
+        "selection_metric": metric,
+        "ranking": order,
+        "champion_before": champion,
+        "paired_test": paired,
+        "gate": params.gate.model_dump(),
+        **decision,
+        "champion_after": tracking.version_by_alias(name, "champion"),
+    }
+    write_json(paths.promotion, promotion)
+    tracking.set_version_tags(
+        name,
+        version,
+        {
+            "gate_passed": decision["passed"],
+            "gate_reasons": "; ".join(decision["reasons"]) or "all checks passed",
+        },
+    )
+    print(reason_paragraph(promotion))
+    return promotion
+
+
+def _gated(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: report.get(k) for k in (*GATED, "roc_auc")}
+
+
+def write_comparison(params: Params, reports: dict, order: list[str], metric: str) -> None:
+    from medimg.analysis.plots import plot_comparison, save_figure
+
+    reports_dir = Path(params.paths.reports)
+    write_text(reports_dir / "compare.md", compare_markdown(reports, order, metric))
+    cis = {
+        a: {
+            "point": reports[a]["accuracy"],
+            "low": reports[a]["accuracy_ci"][0],
+            "high": reports[a]["accuracy_ci"][1],
+        }
+        for a in order
+    }
+    save_figure(plot_comparison(cis, metric="accuracy"), reports_dir / "compare.png")
+
+
+def reason_paragraph(promotion: dict[str, Any]) -> str:
+    c = promotion["candidate"]
+    head = (
+        f"{promotion['model_name']} v{c['version']} ({c['architecture']}, test accuracy "
+        f"{_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, specificity "
+        f"{_fmt(c['specificity'])})"
+    )
+    before = promotion.get("champion_before")
+    vs = (
+        f" against champion v{before['version']} ({_fmt(before['accuracy'])})"
+        if before
+        else " with no previous champion"
+    )
+    if promotion["passed"]:
+        return f"PASS: {head} passed every gate check{vs} and is the champion."
+    return (
+        f"FAIL: {head} did not pass the gate{vs}: "
+        + "; ".join(promotion["reasons"])
+        + ". No alias was moved."
+    )

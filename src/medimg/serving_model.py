@@ -1,0 +1,51 @@
+"""The served model: the registered `classifier` pyfunc, logged as MLflow "models from code".
+
+MLflow runs this file when it loads the model (`mlflow.pyfunc.load_model`, `mlflow models
+serve`); `set_model` at the bottom is what it looks for. The medimg package is logged beside
+it (`code_paths`), so the model loads and predicts where medimg is not installed: the
+environment needs only the pinned requirements (keras, tensorflow, pandas, pillow, pydantic).
+Do not import this module from medimg: importing it registers a model with MLflow.
+
+Input: base64 PNG/JPEG in a DataFrame (`image` column), or raw (N, H, W, 3) pixels, so no
+input schema is set (one would reject the other kind); the `pd.DataFrame` hint tells MLflow
+not to infer one. The request parameter `threshold` overrides the logged one. Decoding and
+scoring are `medimg.scoring.score_request`, the path evaluate and `medimg predict` use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+
+class MedimgClassifier(PythonModel):
+    """Keras image classifier: base64 images or pixel arrays in, class + probability out."""
+
+    def load_context(self, context: Any) -> None:
+        from medimg.models.loading import load_model
+
+        self.model = load_model(context.artifacts["keras_model"])
+        config = context.model_config or {}
+        self.classes = list(config["classes"])
+        self.size = int(config["image_size"])
+        self.threshold = float(config.get("threshold", 0.5))
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        from medimg.data.images import ImageInputError
+        from medimg.scoring import score_request
+
+        threshold = float((params or {}).get("threshold", self.threshold))
+        try:
+            return score_request(self.model, model_input, self.classes, self.size, threshold)
+        except ImageInputError as err:  # the request, not the model, is wrong: HTTP 400
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+
+
+mlflow.models.set_model(MedimgClassifier())

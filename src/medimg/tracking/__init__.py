@@ -1,0 +1,55 @@
+"""Everything MLflow: runs (`runs`), the model registry (`registry`), the team server (`server`).
+
+Callers use `from medimg import tracking` and the names below. Importing this package imports
+no mlflow: each function imports it when called, so nothing happens at import.
+"""
+
+from medimg.tracking.registry import (
+    SERVING_ALIASES,
+    SERVING_MODEL_NAME,
+    download_run_artifact,
+    register_version,
+    resolve_model,
+    set_alias,
+    set_version_tags,
+    version_by_alias,
+    version_info,
+)
+from medimg.tracking.runs import (
+    configure,
+    flatten,
+    git_commit,
+    log_artifact,
+    log_code_model,
+    log_dataset,
+    log_metrics,
+    log_params,
+    log_text,
+    run,
+    set_tags,
+    split_dataset,
+)
+
+__all__ = [
+    "SERVING_ALIASES",
+    "SERVING_MODEL_NAME",
+    "configure",
+    "download_run_artifact",
+    "flatten",
+    "git_commit",
+    "log_artifact",
+    "log_code_model",
+    "log_dataset",
+    "log_metrics",
+    "log_params",
+    "log_text",
+    "register_version",
+    "resolve_model",
+    "run",
+    "set_alias",
+    "set_tags",
+    "set_version_tags",
+    "split_dataset",
+    "version_by_alias",
+    "version_info",
+]

@@ -1,0 +1,433 @@
+"""The `train` stage: one architecture, from shards to a tracked `.keras` model.
+
+Each architecture brings its seed's recipe (input size, optimiser, schedule); `train:` in
+params overrides it for all, `train.overrides.<arch>` for one. The resolved plan is a pure
+value (`resolve_plan`), so what ran is exactly what MLflow records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from medimg import tracking
+from medimg.config import Params
+from medimg.errors import ConfigError, DataError
+from medimg.io import atomic_path, read_json, write_json, write_text
+from medimg.models.augment import build_augmenter, with_augmentation
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    arch: str
+    image_size: int
+    epochs: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    schedule: str
+    weights: str
+    augmentation: bool = True
+    model_params: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_plan(params: Params, arch: str) -> TrainPlan:
+    """Model recipe ← `train:` ← `train.overrides.<arch>`; unknown names fail here."""
+    from medimg.models import get_spec
+
+    spec = get_spec(arch)
+    t = params.train
+    o = t.overrides.get(arch)
+
+    def pick(name: str, recipe: Any) -> Any:
+        for value in (getattr(o, name, None), getattr(t, name, None)):
+            if value is not None:
+                return value
+        return recipe
+
+    return TrainPlan(
+        arch=arch,
+        image_size=pick("image_size", spec.default_size),
+        epochs=pick("epochs", None),
+        batch_size=pick("batch_size", None),
+        optimizer=pick("optimizer", spec.optimizer),
+        learning_rate=pick("learning_rate", spec.learning_rate),
+        schedule=pick("schedule", spec.schedule),
+        weights=pick("weights", "none"),
+        augmentation=pick("augmentation", spec.augmentation),  # `train:` has no such key
+        model_params=dict(o.model) if o else {},
+    )
+
+
+def check_architectures(params: Params) -> None:
+    from medimg.models import list_models
+
+    known = set(list_models())
+    for i, arch in enumerate(params.train.architectures):
+        if arch not in known:
+            raise ConfigError(
+                f"params.yaml: train.architectures.{i}: unknown architecture {arch!r}; "
+                f"available: {', '.join(sorted(known))}"
+            )
+    for arch in params.train.overrides:
+        if arch not in known:
+            raise ConfigError(f"params.yaml: train.overrides.{arch}: unknown architecture")
+
+
+def _model_kwargs(plan: TrainPlan) -> dict[str, Any]:
+    """Builder params; `weights` only for ImageNet families (from-scratch models have none)."""
+    from medimg.models import get_spec
+
+    extra = {"weights": plan.weights} if get_spec(plan.arch).pretrained else {}
+    return {**extra, **plan.model_params}
+
+
+def make_optimizer(plan: TrainPlan, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """SGD+momentum 0.9 (seed 000), Adam, RMSprop; 'poly' = linear decay to 0 (power 1)."""
+    lr: Any = plan.learning_rate
+    if plan.schedule == "poly":
+        lr = keras.optimizers.schedules.PolynomialDecay(
+            plan.learning_rate, decay_steps=max(1, plan.epochs * steps_per_epoch), power=1.0
+        )
+    if plan.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9)
+    if plan.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(lr)
+    return keras.optimizers.Adam(lr)
+
+
+def compile_model(
+    model: keras.Model, plan: TrainPlan, num_classes: int, steps: int, xla: bool
+) -> None:
+    binary = num_classes == 2
+    metrics = (
+        [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
+        if binary
+        else [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    )
+    loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
+    model.compile(make_optimizer(plan, steps), loss=loss, metrics=metrics, jit_compile=xla)
+
+
+def class_weights(counts: dict[str, int], classes: list[str]) -> dict[int, float]:
+    """Balanced weights n / (k * n_c), as sklearn's 'balanced', from the train counts."""
+    total = sum(counts[c] for c in classes)
+    return {i: total / (len(classes) * max(1, counts[c])) for i, c in enumerate(classes)}
+
+
+class Throughput(keras.callbacks.Callback):
+    """Training images/s per epoch, and the first epoch seen (>0 after a resume)."""
+
+    def __init__(self, images_per_epoch: int) -> None:
+        super().__init__()
+        self.images = images_per_epoch
+        self.first_epoch: int | None = None
+        self.rates: list[float] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        rate = self.images / max(1e-9, time.perf_counter() - self._t0)
+        self.rates.append(rate)
+        if logs is not None:
+            logs["images_per_s"] = rate
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch loss/metrics and the learning rate into the MLflow run, epoch as the step."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        values = dict(logs or {})
+        lr = self.model.optimizer.learning_rate
+        values["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        tracking.log_metrics(values, step=epoch)
+
+
+def make_callbacks(params: Params, plan: TrainPlan, backup: Path, n_train: int) -> list:
+    t = params.train
+    mode = "min" if t.monitor == "val_loss" else "max"
+    cbs: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(backup / "state")),
+        keras.callbacks.ModelCheckpoint(
+            str(backup / "best.weights.h5"),
+            monitor=t.monitor,
+            mode=mode,
+            save_best_only=True,
+            save_weights_only=True,
+        ),
+        Throughput(n_train),
+        keras.callbacks.CSVLogger(str(backup / "history.csv"), append=True),
+        EpochLogger(),
+    ]
+    if t.early_stopping_patience:
+        cbs.append(
+            keras.callbacks.EarlyStopping(t.monitor, mode=mode, patience=t.early_stopping_patience)
+        )
+    if plan.schedule == "plateau":
+        cbs.append(
+            keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=2, min_lr=1e-6)
+        )
+    return cbs
+
+
+def device_info() -> dict[str, Any]:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "device": f"{len(gpus)}x GPU" if gpus else "CPU",
+        "gpus": len(gpus),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+
+
+def configure_precision(mode: str, has_gpu: bool) -> str:
+    """mixed_float16 on GPU by default ('auto'); float32 on CPU where it would only slow down."""
+    policy = "mixed_float16" if mode == "on" or (mode == "auto" and has_gpu) else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def choose_strategy(devices: list[str] | None = None):
+    """MirroredStrategy over several devices (all GPUs by default), else the default one."""
+    import tensorflow as tf
+
+    if devices is None:
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if len(devices) > 1:
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def _class_info(params: Params) -> dict[str, Any]:
+    path = params.paths.classes_json
+    if not path.exists():
+        raise DataError(f"{path}: not found; run the split stage first")
+    info = read_json(path)
+    if info["images"]["val"] == 0:
+        raise ConfigError("params.yaml: split.fractions.val: training needs a validation split")
+    return info
+
+
+def _datasets(params: Params, plan: TrainPlan, num_classes: int):
+    from medimg.data.shards import make_dataset
+
+    common = dict(num_classes=num_classes, seed=params.seed, cache=params.train.cache)
+    train = make_dataset(
+        params.paths.split,
+        "train",
+        plan.image_size,
+        plan.batch_size,
+        training=True,
+        shuffle_buffer=params.train.shuffle_buffer,
+        **common,
+    )
+    val = make_dataset(params.paths.split, "val", plan.image_size, plan.batch_size, **common)
+    return train, val
+
+
+def _example_batch(val_ds, n: int = 4) -> np.ndarray:
+    x, _ = next(iter(val_ds.take(1)))
+    return np.asarray(x[:n], dtype=np.float32)
+
+
+def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
+    """Train `arch`, track it in MLflow and write the model, history and metrics."""
+    from medimg.models import build_model
+
+    check_architectures(params)
+    keras.utils.set_random_seed(params.seed)
+    plan = resolve_plan(params, arch)
+    info = _class_info(params)
+    classes, num_classes = info["classes"], info["num_classes"]
+    dev = device_info()
+    policy = configure_precision(params.train.mixed_precision, dev["gpus"] > 0)
+    strategy = strategy or choose_strategy()
+    train_ds, val_ds = _datasets(params, plan, num_classes)
+    n_train = info["images"]["train"]
+    steps = int(np.ceil(n_train / plan.batch_size))
+    backup = params.paths.backup_dir(arch)
+    if not (backup / "state").exists():
+        _clean_backup(backup)  # leftovers of a run that failed before its first epoch ended
+    backup.mkdir(parents=True, exist_ok=True)
+
+    with strategy.scope():
+        shape = (plan.image_size, plan.image_size, 3)
+        model = build_model(arch, shape, num_classes, **_model_kwargs(plan))
+        trainer = (
+            with_augmentation(model, build_augmenter(params.train.augment, params.seed))
+            if plan.augmentation
+            else model
+        )
+        compile_model(trainer, plan, num_classes, steps, params.train.xla)
+
+    tracking.configure(params.mlflow, params.dataset.name)
+    resume_id = _read_resume_id(backup)
+    tags = {
+        "architecture": arch,
+        "git_commit": tracking.git_commit(),
+        "dataset": params.dataset.name,
+        "dataset_fingerprint": info["fingerprint"],
+        "precision_policy": policy,
+        "replicas": strategy.num_replicas_in_sync,
+        **dev,
+    }
+    with tracking.run(arch, resume_id, tags, system_metrics=True) as run_id:
+        (backup / "mlflow_run_id").write_text(run_id)
+        if resume_id is None:
+            tracking.log_params(
+                {**params.model_dump(mode="json", by_alias=True), "plan": asdict(plan)}
+            )
+            dataset = split_dataset(params)
+            tracking.log_dataset(dataset, "train")
+            tracking.log_dataset(dataset, "val")
+        callbacks = make_callbacks(params, plan, backup, n_train)
+        weights = (
+            class_weights(info["counts"]["train"], classes) if params.train.class_weights else None
+        )
+        t0 = time.perf_counter()
+        trainer.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=plan.epochs,
+            callbacks=callbacks,
+            class_weight=weights,
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
+            verbose=2,
+        )
+        seconds = time.perf_counter() - t0
+        if (backup / "best.weights.h5").exists():
+            trainer.load_weights(str(backup / "best.weights.h5"))
+        throughput = next(c for c in callbacks if isinstance(c, Throughput))
+        result = _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id)
+    _clean_backup(backup)
+    return result
+
+
+def _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id) -> dict[str, Any]:
+    """Write the DVC outputs and log the same to the MLflow run."""
+    from medimg.analysis.plots import plot_learning_curves, save_figure
+
+    paths = params.paths
+    model_file = paths.model_file(plan.arch)
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(model_file, suffix=".keras") as tmp:
+        keras.saving.save_model(model, str(tmp))
+    history = _read_history(backup / "history.csv")
+    reports = paths.train_reports(plan.arch)
+    reports.mkdir(parents=True, exist_ok=True)
+    write_text(reports / "history.csv", history_csv(history))
+    best = _best_epoch(history, params.train.monitor)
+    metrics = {
+        "params": int(model.count_params()),
+        "keras_bytes": model_file.stat().st_size,
+        "epochs_run": len(history["epoch"]),
+        "best_epoch": best["epoch"],
+        "val_accuracy": best.get("val_accuracy"),
+        "val_loss": best.get("val_loss"),
+        "train_seconds": round(seconds, 2),
+        "images_per_s": round(float(np.median(throughput.rates)), 1) if throughput.rates else None,
+        "resumed_from_epoch": throughput.first_epoch or 0,
+    }
+    write_json(reports / "metrics.json", metrics)
+    fig = plot_learning_curves(history, title=f"{plan.arch} learning curves")
+    save_figure(fig, reports / "learning_curves.png")
+    summary: list[str] = []
+    model.summary(print_fn=lambda line, **_: summary.append(line))
+    counts = ("params", "keras_bytes", "epochs_run", "best_epoch", "resumed_from_epoch")
+    tracking.log_params({k: metrics[k] for k in counts})  # sizes and counts, not measurements
+    tracking.log_metrics({f"final_{k}": v for k, v in metrics.items() if k not in counts})
+    tracking.log_artifact(reports / "learning_curves.png", "plots")
+    tracking.log_artifact(reports / "history.csv", "history")
+    tracking.log_text("\n".join(summary), "model_summary.txt")
+    classes = read_json(paths.classes_json)["classes"]
+    serving_uri, model_id = log_serving_model(
+        model_file, classes, plan.image_size, _example_batch(val_ds)
+    )
+    run_info = {  # model_uri: the pyfunc that register promotes and `mlflow models serve` runs
+        "run_id": run_id,
+        "model_uri": serving_uri,
+        "model_id": model_id,
+        "architecture": plan.arch,
+        "image_size": plan.image_size,
+        "plan": asdict(plan),
+    }
+    write_json(paths.train_run(plan.arch), run_info)
+    print(f"train {plan.arch}: {json.dumps(metrics)}")
+    return {**metrics, **run_info}
+
+
+def split_dataset(params: Params) -> Any:
+    """The split as the MLflow dataset of this pipeline (digest: the split fingerprint)."""
+    fingerprint = read_json(params.paths.classes_json)["fingerprint"]
+    return tracking.split_dataset(params.paths.split_manifest, params.dataset.name, fingerprint)
+
+
+def log_serving_model(
+    keras_file: Path, classes: list[str], image_size: int, example: np.ndarray
+) -> tuple[str, str]:
+    """Log `medimg.serving_model` with the medimg package beside it; (model URI, model id)."""
+    import importlib.util
+
+    from medimg.data.images import png_request
+
+    code = Path(importlib.util.find_spec("medimg.serving_model").origin)  # not imported here
+    return tracking.log_code_model(
+        model_code=code,
+        code_paths=[code.parent],
+        artifacts={"keras_model": keras_file},
+        config={"classes": list(classes), "image_size": int(image_size), "threshold": 0.5},
+        signature_params={"threshold": 0.5},
+        input_example=png_request(example),
+    )
+
+
+def _read_history(path: Path) -> dict[str, list[float]]:
+    """CSVLogger's file, de-duplicated by epoch (a resumed run appends to it)."""
+    import pandas as pd
+
+    frame = pd.read_csv(path).drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return {c: frame[c].astype(float).tolist() for c in frame.columns}
+
+
+def history_csv(history: dict[str, list[float]]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(history)
+    frame["epoch"] = frame["epoch"].astype(int) + 1
+    return frame.to_csv(index=False)
+
+
+def _best_epoch(history: dict[str, list[float]], monitor: str) -> dict[str, Any]:
+    values = np.asarray(history.get(monitor, history["loss"]), dtype=float)
+    i = int(np.nanargmin(values) if monitor == "val_loss" else np.nanargmax(values))
+    return {k: float(v[i]) for k, v in history.items()} | {"epoch": i + 1}
+
+
+def _read_resume_id(backup: Path) -> str | None:
+    """The MLflow run of a killed attempt, reopened so one architecture keeps one run."""
+    marker = backup / "mlflow_run_id"
+    if (backup / "state").exists() and marker.exists():
+        return marker.read_text().strip() or None
+    return None
+
+
+def _clean_backup(backup: Path) -> None:
+    import shutil
+
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def run(params: Params, arch: str) -> dict[str, Any]:
+    return fit(params, arch)

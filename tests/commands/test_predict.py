@@ -1,0 +1,289 @@
+"""`medimg predict / explain / export` and the pure input handling behind them and serving.
+
+One tiny model is trained (1 epoch, `fit`), logged as the serving pyfunc and registered as
+champion once per module; a second tiny model trained to separate the planted squares (40
+quick epochs, saved as a `.keras` file) carries the int8 parity check, which a 1-epoch model
+with every probability near 0.5 could fail by chance.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from medimg import cli, tracking
+from medimg.commands.predict import collect_paths, format_rows
+from medimg.scoring import result_frame
+from tests.conftest import png_bytes, tiny_params, write_split_dir
+
+NAME = "malaria-classifier"
+CLASSES = ["Uninfected", "Parasitized"]
+
+
+def train_and_register(tmp: Path) -> SimpleNamespace:
+    """`fit` tiny for 1 epoch and register its serving model as champion."""
+    from medimg.train import fit
+
+    params = tiny_params(tmp)
+    write_split_dir(params)
+    result = fit(params, "tiny")  # logs the serving model (models from code) in its run
+    uri = result["model_uri"]
+    version = tracking.register_version(uri, NAME, {"architecture": "tiny"})
+    tracking.set_alias(NAME, "champion", version)
+    params_file = tmp / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    return SimpleNamespace(
+        params=params, params_file=params_file, run_id=result["run_id"], version=version, uri=uri
+    )
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory) -> SimpleNamespace:
+    return train_and_register(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="module")
+def separating_model(reg, tmp_path_factory) -> Path:
+    """A tiny model that has learnt the split's planted squares, as a `.keras` file."""
+    import keras
+
+    from medimg.data.shards import load_arrays
+    from medimg.models import build_model
+
+    x, y, _, _ = load_arrays(reg.params.paths.split, "train", 32)
+    keras.utils.set_random_seed(0)
+    model = build_model("tiny", (32, 32, 3), 2)
+    model.compile(keras.optimizers.Adam(0.03), "binary_crossentropy")
+    model.fit(x, y.astype("float32"), batch_size=16, epochs=40, verbose=0)
+    path = tmp_path_factory.mktemp("keras") / "separating.keras"
+    model.save(path)
+    return path
+
+
+def medimg(reg: SimpleNamespace, *argv: str) -> int:
+    """Run the CLI in-process; the exit code."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--params", str(reg.params_file), *argv])
+    return int(done.value.code)
+
+
+def image_file(path: Path, mode: str = "RGB", size: int = 40, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(size, mode=mode, seed=seed))
+    return path
+
+
+# ------------------------------------------------------------------------------------- paths
+
+
+def test_collect_paths_walks_folders_expands_globs_and_reports_missing(tmp_path):
+    a = image_file(tmp_path / "a.png")
+    nested = image_file(tmp_path / "cells" / "x" / "y" / "deep.JPG")
+    image_file(tmp_path / "cells" / ".hidden" / "skip.png")
+    (tmp_path / "cells" / "notes.txt").write_text("not an image")
+    notes = tmp_path / "notes.md"
+    notes.write_text("named explicitly")
+    g1, g2 = image_file(tmp_path / "g" / "1.png", seed=1), image_file(tmp_path / "g" / "2.png")
+
+    files, problems = collect_paths(
+        [
+            str(a),
+            str(tmp_path / "cells"),
+            str(tmp_path / "g" / "*.png"),
+            str(notes),
+            str(a),
+            str(tmp_path / "missing.png"),
+            str(tmp_path / "nothing" / "*.png"),
+        ]
+    )
+    assert files == [a, nested, g1, g2, notes]  # folder walk skips .txt and hidden; no dupes
+    assert problems == [
+        (str(tmp_path / "missing.png"), "no such file or directory"),
+        (str(tmp_path / "nothing" / "*.png"), "no such file or directory"),
+    ]
+    recursive, _ = collect_paths([str(tmp_path / "**" / "*.png")])
+    assert set(recursive) == {a, g1, g2}  # `**` crosses folders but not into hidden ones
+
+
+def test_formats():
+    frame = result_frame(np.array([0.9, 0.2]), CLASSES, 0.5)
+    frame.insert(0, "path", ["a.png", "dir/b.png"])
+    table = format_rows(frame, "table").splitlines()
+    assert table[0].split() == ["path", "class", "probability", "p_Parasitized", "threshold"]
+    assert table[2].split() == ["dir/b.png", "Uninfected", "0.8000", "0.2000", "0.5000"]
+    records = json.loads(format_rows(frame, "json"))
+    assert records[0] == {
+        "path": "a.png",
+        "class": "Parasitized",
+        "probability": 0.9,
+        "p_Parasitized": 0.9,
+        "threshold": 0.5,
+    }
+    assert pd.read_csv(io.StringIO(format_rows(frame, "csv"))).shape == (2, 5)
+
+
+# ------------------------------------------------------------------------------- predict CLI
+
+
+def test_predict_reports_broken_files_and_predicts_the_rest(reg, tmp_path, capsys):
+    folder = tmp_path / "cells"
+    good = [
+        image_file(folder / "rgb.png", seed=1),
+        image_file(folder / "sub" / "grey.png", "L"),
+        image_file(folder / "sub" / "alpha.png", "RGBA", size=50),
+    ]
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out.csv"
+
+    code = medimg(reg, "predict", str(folder), "--format", "csv", "-o", str(out))
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("error:")] == [
+        f"error: {folder / 'broken.png'}: corrupt image (Truncated File Read)"
+    ]
+    frame = pd.read_csv(out)
+    assert sorted(frame["path"]) == sorted(str(p) for p in good)
+    assert set(frame["class"]) <= set(CLASSES)
+    assert frame["probability"].between(0.5, 1).all() and frame["p_Parasitized"].between(0, 1).all()
+    assert (frame["threshold"] == 0.5).all()
+
+
+def test_predict_json_and_table_with_a_quoted_glob(reg, tmp_path, capsys):
+    for i in range(3):
+        image_file(tmp_path / f"cell{i}.png", seed=i)
+    assert medimg(reg, "predict", str(tmp_path / "cell*.png"), "--format", "json") == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [Path(r["path"]).name for r in records] == ["cell0.png", "cell1.png", "cell2.png"]
+    assert set(records[0]) == {"path", "class", "probability", "p_Parasitized", "threshold"}
+
+    assert medimg(reg, "predict", str(tmp_path), "--batch-size", "2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["path", "class", "probability"] and len(lines) == 4
+
+
+def test_predict_without_paths_exits_2(reg, tmp_path, capsys):
+    assert medimg(reg, "predict") == 2
+    assert "no image paths given" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert medimg(reg, "predict", str(tmp_path / "empty")) == 2
+    assert "no image files found" in capsys.readouterr().err
+
+
+def test_model_specs_resolve_to_the_same_model(reg, tmp_path, capsys):
+    image = image_file(tmp_path / "cell.png", seed=7)
+    keras_file = str(reg.params.paths.model_file("tiny"))
+    specs = [
+        "champion",
+        reg.version,
+        reg.run_id,
+        reg.uri,
+        f"runs:/{reg.run_id}/classifier",
+        f"models:/{NAME}@champion",
+        f"models:/{NAME}/{reg.version}",
+        keras_file,
+    ]
+    probs = set()
+    for spec in specs:
+        assert medimg(reg, "predict", str(image), "--model", spec, "--format", "csv") == 0, spec
+        probs.add(
+            round(float(pd.read_csv(io.StringIO(capsys.readouterr().out))["p_Parasitized"][0]), 6)
+        )
+    assert len(probs) == 1
+
+    assert medimg(reg, "predict", str(image), "--model", "challenger") == 1
+    assert "malaria-classifier: no alias 'challenger'" in capsys.readouterr().err
+    assert medimg(reg, "predict", str(image), "--model", str(tmp_path / "nope.keras")) == 1
+    assert "nope.keras: model file not found" in capsys.readouterr().err
+
+
+def test_threshold_comes_from_the_version_tag_unless_overridden(reg, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    image = image_file(tmp_path / "cell.png", seed=7)
+    tracking.set_version_tags(NAME, reg.version, {"operating_threshold": 0.99})
+    try:
+        assert medimg(reg, "predict", str(image), "--format", "json") == 0
+        row = json.loads(capsys.readouterr().out)[0]
+        assert row["threshold"] == 0.99 and row["class"] == "Uninfected"
+        assert medimg(reg, "predict", str(image), "--format", "json", "--threshold", "0.01") == 0
+        row = json.loads(capsys.readouterr().out)[0]
+        assert row["threshold"] == 0.01 and row["class"] == "Parasitized"
+    finally:
+        MlflowClient().delete_model_version_tag(NAME, reg.version, "operating_threshold")
+
+
+# ------------------------------------------------------------------------------- explain CLI
+
+
+def test_explain_writes_an_overlay_png(reg, tmp_path, capsys):
+    image = image_file(tmp_path / "cell.png", size=300, seed=2)
+    out = tmp_path / "out" / "overlay.png"
+    assert medimg(reg, "explain", str(image), "-o", str(out)) == 0
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width == 300 and 300 < img.height <= 300 + 40
+    assert f"explain {image}: " in capsys.readouterr().out
+    assert not list(out.parent.glob(".*"))  # atomic: no temporary left behind
+
+    small = image_file(tmp_path / "small.png", size=32)
+    assert medimg(reg, "explain", str(small), "-o", str(tmp_path / "small_cam.png")) == 0
+    with Image.open(tmp_path / "small_cam.png") as img:
+        assert img.width == 256  # upscaled so the title stays readable
+
+    (tmp_path / "junk.png").write_text("nope")
+    assert medimg(reg, "explain", str(tmp_path / "junk.png"), "-o", str(tmp_path / "j.png")) == 3
+    assert "junk.png: not an image" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- export CLI
+
+
+def test_export_none_writes_the_default_file_and_logs_to_the_run(reg, capsys):
+    from mlflow import MlflowClient
+
+    assert medimg(reg, "export", "--format", "tflite", "--quantize", "none") == 0
+    dest = Path(reg.params.paths.models) / "export" / f"{NAME}-v{reg.version}-none.tflite"
+    assert dest.read_bytes()[4:8] == b"TFL3"
+    assert "agreement 1.0000" in capsys.readouterr().out
+    metrics = MlflowClient().get_run(reg.run_id).data.metrics
+    assert metrics["tflite_none_bytes"] == dest.stat().st_size
+    assert metrics["tflite_none_agreement"] == 1.0
+    assert 0.0 <= metrics["tflite_none_test_accuracy"] <= 1.0
+
+
+def test_export_int8_of_a_keras_file(reg, separating_model, tmp_path, capsys):
+    out = tmp_path / "edge" / "model_int8.tflite"
+    code = medimg(
+        reg, "export", "--quantize", "int8", "--model", str(separating_model), "-o", str(out)
+    )
+    assert code == 0
+    assert out.read_bytes()[4:8] == b"TFL3"
+    text = capsys.readouterr().out
+    assert "agreement 1.0000" in text and "TFLite test accuracy 1.0000" in text
+    assert "not logged" in text  # a plain .keras file has no MLflow run
+
+
+def test_export_parity_failure_exits_nonzero_with_the_agreement(reg, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("medimg.analysis.edge.agreement", lambda *a, **k: 0.9375)
+    out = tmp_path / "never.tflite"
+    code = medimg(reg, "export", "--quantize", "none", "-o", str(out))
+    assert code != 0
+    assert "agreement 0.9375" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_export_without_a_split_is_a_data_error(reg, tmp_path, capsys):
+    params = tiny_params(tmp_path / "other", mlflow=reg.params.mlflow.model_dump())
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--params", str(params_file), "export"])
+    assert done.value.code == 3
+    assert "no test shards" in capsys.readouterr().err

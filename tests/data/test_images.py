@@ -1,0 +1,77 @@
+"""Image decoding and serving requests → model pixels (`medimg.data.images`)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medimg.data.images import ImageInputError, decode_image, images_from_input, prepare
+from tests.conftest import png_bytes
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16"])
+def test_decode_gives_rgb_for_grey_alpha_and_16_bit(mode):
+    rgb = decode_image(png_bytes(20, mode=mode), "x.png")
+    assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
+    if mode == "L":
+        assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_decode_errors_name_the_source():
+    with pytest.raises(ImageInputError, match=r"^bad\.png: not an image"):
+        decode_image(b"hello", "bad.png")
+    with pytest.raises(ImageInputError, match=r"^cut\.png: corrupt image"):
+        decode_image(png_bytes(64)[:200], "cut.png")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_preprocessing_matches_the_training_decode(mode):
+    """Same pixels as `medimg.data.decode` (TF decode + antialiased resize) for PNGs."""
+    import tensorflow as tf
+
+    data = png_bytes(45, mode=mode, seed=3)
+    tf_img = tf.io.decode_image(data, channels=3, expand_animations=False)
+    expected = tf.clip_by_value(tf.image.resize(tf_img, (32, 32), antialias=True), 0, 255)
+    np.testing.assert_array_equal(prepare(data, 32), expected.numpy())
+
+
+def test_serving_inputs_base64_frames_arrays_and_lists():
+    b64 = [base64.b64encode(png_bytes(40, seed=i)).decode() for i in range(2)]
+    from_frame = images_from_input(pd.DataFrame({"image": b64}), 32)
+    assert from_frame.shape == (2, 32, 32, 3) and from_frame.dtype == np.float32
+    only_column = images_from_input(pd.DataFrame({"png": b64}), 32)
+    np.testing.assert_array_equal(only_column, from_frame)
+    np.testing.assert_array_equal(images_from_input(np.array(b64), 32), from_frame)
+    np.testing.assert_array_equal(images_from_input({"image": b64}, 32), from_frame)
+    data_uri = "data:image/png;base64," + b64[0]
+    np.testing.assert_array_equal(images_from_input([data_uri], 32)[0], from_frame[0])
+    raw = [png_bytes(40, seed=0)]  # raw encoded bytes in-process, not base64
+    np.testing.assert_array_equal(images_from_input(raw, 32)[0], from_frame[0])
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 50, 40, 3))
+    assert images_from_input(pixels, 32).shape == (3, 32, 32, 3)
+    assert images_from_input(pixels[0], 32).shape == (1, 32, 32, 3)
+    ragged = [pixels[0], np.zeros((20, 30, 3), np.uint8)]
+    assert images_from_input(ragged, 32).shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (pd.DataFrame({"image": ["@@not base64@@"]}), "image 0: not valid base64"),
+        (pd.DataFrame({"image": [base64.b64encode(b"text").decode()]}), "image 0: not an image"),
+        (pd.DataFrame({"a": ["x"], "b": ["y"]}), "expected a column 'image'"),
+        (pd.DataFrame({"image": []}), "no images"),
+        (np.zeros((2, 8, 8)), r"shape \(N, H, W, 3\)"),
+        (np.zeros((1, 8, 8, 4)), r"shape \(N, H, W, 3\)"),
+        (np.full((1, 8, 8, 3), np.nan), "NaN"),
+        ([np.zeros((8, 8))], r"image 0: expected an \(H, W, 3\)"),
+        (42, "unsupported input type int"),
+    ],
+)
+def test_bad_serving_inputs_raise_one_clear_error(bad, message):
+    with pytest.raises(ImageInputError, match=message):
+        images_from_input(bad, 32)

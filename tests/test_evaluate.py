@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medimg.config import EvaluateConfig
+from medimg.evaluate import gradcam_picks, predictions_frame, score
+from medimg.io import read_json
+
+
+def _binary_case(n: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.5 + (y - 0.5) * rng.uniform(0.0, 0.9, n) + rng.normal(0, 0.15, n), 0, 1)
+    groups = [f"P{i % 40}" for i in range(n)]
+    return y, p, groups
+
+
+def test_score_picks_the_threshold_on_val_and_applies_it_to_test():
+    y_val, p_val, _ = _binary_case(seed=1)
+    y, p, groups = _binary_case(seed=2)
+    cfg = EvaluateConfig(target_sensitivity=0.97, bootstrap=200)
+    result = score(y, p, y_val, p_val, groups, ["Uninfected", "Parasitized"], cfg, seed=0)
+    op = result["operating_point"]
+    assert op["chosen_on"] == "val" and op["threshold"] < 0.5
+    val_sens = np.mean(p_val[y_val == 1] >= op["threshold"])
+    assert val_sens >= 0.97
+    assert op["sensitivity"] >= result["sensitivity"]  # lower threshold, more positives
+    assert result["positive_class"] == "Parasitized"
+    for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        ci = result["ci"][name]
+        assert ci["low"] <= result[name] <= ci["high"], name
+        assert ci["n_groups"] == 40  # resampled over patients, not cells
+
+
+def test_score_multiclass_has_macro_and_per_class():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    probs = rng.dirichlet(np.ones(4), 200)
+    probs[np.arange(200), y] += 1.0
+    probs /= probs.sum(1, keepdims=True)
+    classes = ["CNV", "DME", "DRUSEN", "NORMAL"]
+    result = score(
+        y,
+        probs,
+        y,
+        probs,
+        [str(i % 10) for i in range(200)],
+        classes,
+        EvaluateConfig(bootstrap=50),
+        0,
+    )
+    assert set(result["per_class"]) == set(classes)
+    assert result["roc_auc"] > 0.9 and "accuracy" in result["ci"]
+
+
+def test_gradcam_picks_the_most_confident_mistakes_first():
+    y = np.array([1, 1, 1, 1, 0])
+    p = np.array([0.1, 0.4, 0.9, 0.8, 0.2])
+    wrong, right = gradcam_picks(y, p, cls=1, n=4)
+    assert wrong == [0, 1] and right == [2, 3]
+
+
+def test_predictions_frame_feeds_dvc_confusion_plots():
+    frame = predictions_frame(
+        ["a", "b"],
+        ["P1", "P2"],
+        np.array([0, 1]),
+        np.array([0.7, 0.9]),
+        ["Uninfected", "Parasitized"],
+        0.5,
+    )
+    assert frame["predicted"].tolist() == ["Parasitized", "Parasitized"]
+    assert frame["correct"].tolist() == [False, True]
+
+
+@pytest.mark.slow
+def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from medimg.evaluate import run
+    from medimg.train import fit
+    from tests.conftest import tiny_params, write_split_dir
+
+    params = tiny_params(
+        tmp_path,
+        evaluate={
+            "bootstrap": 100,
+            "gradcam_examples": 4,
+            "representative_samples": 16,
+            "benchmark_images": 16,
+        },
+    )
+    write_split_dir(params)
+    trained = fit(params, "tiny")
+    flat = run(params, "tiny")
+    metrics = read_json(params.paths.eval_metrics("tiny"))
+    assert metrics == flat
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy_ci"][0] <= metrics["accuracy"]
+    assert metrics["int8_bytes"] > 0 and 0 <= metrics["int8_agreement"] <= 1
+    out = params.paths.eval_reports("tiny")
+    for name in (
+        "confusion.png",
+        "roc.png",
+        "pr.png",
+        "calibration.png",
+        "details.json",
+        "gradcam_Parasitized.png",
+        "learning_curves.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert params.paths.eval_predictions("tiny").read_text().startswith("path,patient,actual")
+    assert params.paths.eval_roc("tiny").read_text().startswith("fpr,tpr")
+    client = MlflowClient(params.mlflow.tracking_uri)
+    logged = client.get_run(trained["run_id"]).data.metrics
+    assert logged["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "eval" in {a.path for a in client.list_artifacts(trained["run_id"])}

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medimg import tracking
+from medimg.commands.gate import gate, rollback
+from medimg.config import GateConfig
+from medimg.io import read_json, write_json
+from medimg.promotion import compare_markdown, decide, rank
+from medimg.register import run
+from tests.conftest import tiny_params
+
+NAME = "malaria-classifier"
+N = 200
+
+
+def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
+    """One MLflow run with a model and the eval artifacts, as train + evaluate leave them."""
+    import mlflow
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    paths = params.paths
+    accuracy = float(correct.mean())
+    report = {
+        "accuracy": accuracy,
+        "sensitivity": accuracy,
+        "specificity": accuracy,
+        "roc_auc": 0.9,
+        "ece": 0.05,
+        "accuracy_ci": [accuracy - 0.02, accuracy + 0.02],
+        "params": 1000,
+        "keras_bytes": 50_000,
+    }
+    write_json(paths.eval_metrics(arch), report)
+    frame = pd.DataFrame({"path": [f"img{i}.png" for i in range(N)], "correct": correct})
+    paths.eval_predictions(arch).write_text(frame.to_csv(index=False))
+    tracking.configure(params.mlflow, params.dataset.name)
+    with tracking.run(run_name=arch) as run_id:
+        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
+        tracking.log_artifact(paths.eval_predictions(arch), "eval")
+    write_json(paths.train_run(arch), {"run_id": run_id, "model_uri": info.model_uri})
+
+
+def _correct(accuracy: float, seed: int = 0) -> np.ndarray:
+    c = np.zeros(N, bool)
+    c[np.random.default_rng(seed).permutation(N)[: round(accuracy * N)]] = True
+    return c
+
+
+@pytest.fixture
+def setup(tmp_path):
+    def make(accuracies: dict[str, float], **gate_cfg):
+        params = tiny_params(tmp_path, train={"architectures": list(accuracies)}, gate=gate_cfg)
+        params.paths.classes_json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(params.paths.classes_json, {"fingerprint": "fp1"})
+        for i, (arch, acc) in enumerate(accuracies.items()):
+            (params.paths.eval_metrics(arch)).parent.mkdir(parents=True, exist_ok=True)
+            params.paths.train_run(arch).parent.mkdir(parents=True, exist_ok=True)
+            _log_candidate(params, arch, _correct(acc, seed=i))
+        return params
+
+    return make
+
+
+def _aliases(params):
+    tracking.configure(params.mlflow, params.dataset.name)
+    return {
+        a: (tracking.version_by_alias(NAME, a) or {}).get("version")
+        for a in ("champion", "challenger", "previous")
+    }
+
+
+def test_best_architecture_passes_and_becomes_champion(setup, capsys):
+    params = setup({"tiny": 0.90, "compact_cnn": 0.95}, min_accuracy=0.8)
+    promotion = run(params)
+    assert promotion["passed"] and promotion["candidate"]["architecture"] == "compact_cnn"
+    assert _aliases(params) == {"champion": "1", "challenger": "1", "previous": None}
+    assert read_json(params.paths.promotion)["candidate"]["version"] == "1"
+    reports = params.paths.promotion.parent
+    assert "| 1 | compact_cnn |" in (reports / "compare.md").read_text()
+    assert (reports / "compare.png").stat().st_size > 0
+    assert gate(params) == 0
+    assert "PASS" in capsys.readouterr().out
+    tags = tracking.version_info(NAME, "1")["tags"]
+    assert tags["gate_passed"] == "True" and float(tags["test_accuracy"]) == 0.95
+
+
+def test_threshold_failure_moves_no_alias_and_gate_exits_1(setup, capsys):
+    params = setup({"tiny": 0.90}, min_accuracy=0.8)
+    run(params)
+    strict = params.model_copy(update={"gate": GateConfig(min_accuracy=0.999)})
+    promotion = run(strict)
+    assert not promotion["passed"]
+    assert "below gate.min_accuracy 0.999" in promotion["reasons"][0]
+    assert _aliases(params) == {"champion": "1", "challenger": "2", "previous": None}
+    assert gate(strict) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_regression_against_the_champion_fails_with_aliases_unchanged(setup):
+    params = setup({"tiny": 0.95}, min_accuracy=0.5, max_regression=0.01)
+    run(params)
+    _log_candidate(params, "tiny", _correct(0.90, seed=5))
+    promotion = run(params)
+    assert not promotion["passed"]
+    assert any("below the champion" in r for r in promotion["reasons"])
+    assert promotion["paired_test"]["n"] == N  # same split: paired McNemar was computed
+    assert _aliases(params) == {"champion": "1", "challenger": "2", "previous": None}
+
+
+def test_mcnemar_blocks_a_significantly_worse_candidate_within_max_regression(setup):
+    params = setup({"tiny": 0.95}, min_accuracy=0.5, max_regression=0.2)
+    run(params)
+    _log_candidate(params, "tiny", _correct(0.85, seed=9))
+    promotion = run(params)
+    assert not promotion["passed"] and "McNemar" in promotion["reasons"][0]
+
+
+def test_promotion_then_rollback(setup):
+    params = setup({"tiny": 0.90}, min_accuracy=0.5)
+    run(params)
+    _log_candidate(params, "tiny", np.ones(N, bool))
+    assert run(params)["passed"]
+    assert _aliases(params) == {"champion": "2", "challenger": "2", "previous": "1"}
+    rollback(params)
+    assert _aliases(params) == {"champion": "1", "challenger": "2", "previous": "2"}
+
+
+def test_decide_is_pure_and_lists_every_failed_check():
+    cfg = GateConfig(min_accuracy=0.9, min_sensitivity=0.95, max_regression=0.0)
+    d = decide(
+        {"accuracy": 0.85, "sensitivity": 0.9, "specificity": 0.8}, {"accuracy": 0.9}, None, cfg
+    )
+    assert not d["passed"] and len(d["reasons"]) == 3
+    assert [c["check"] for c in d["checks"]] == [
+        "min_accuracy",
+        "min_sensitivity",
+        "max_regression",
+    ]
+
+
+def test_rank_prefers_the_smaller_model_on_ties():
+    reports = {
+        "big": {"accuracy": 0.9, "params": 10**7},
+        "small": {"accuracy": 0.9, "params": 10**5},
+    }
+    assert rank(reports, "accuracy") == ["small", "big"]
+    assert "| 1 | small |" in compare_markdown(
+        {k: {**v, "accuracy_ci": [0.8, 0.95]} for k, v in reports.items()},
+        ["small", "big"],
+        "accuracy",
+    )
