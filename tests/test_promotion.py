@@ -21,7 +21,7 @@ def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
     import mlflow
 
     class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
+        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
             return model_input
 
     paths = params.paths
@@ -43,7 +43,8 @@ def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
     with tracking.run(run_name=arch) as run_id:
         info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
         tracking.log_artifact(paths.eval_predictions(arch), "eval")
-    write_json(paths.train_run(arch), {"run_id": run_id, "model_uri": info.model_uri})
+    paths.eval_reports(arch).mkdir(parents=True, exist_ok=True)
+    write_json(paths.eval_reports(arch) / "run.json", {"run_id": run_id, "model_uri": info.model_uri})
 
 
 def _correct(accuracy: float, seed: int = 0) -> np.ndarray:
@@ -60,7 +61,6 @@ def setup(tmp_path):
         write_json(params.paths.classes_json, {"fingerprint": "fp1"})
         for i, (arch, acc) in enumerate(accuracies.items()):
             (params.paths.eval_metrics(arch)).parent.mkdir(parents=True, exist_ok=True)
-            params.paths.train_run(arch).parent.mkdir(parents=True, exist_ok=True)
             _log_candidate(params, arch, _correct(acc, seed=i))
         return params
 

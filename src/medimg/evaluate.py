@@ -263,6 +263,7 @@ def run(params: Params, arch: str) -> dict[str, Any]:
         if int8 is not None:
             (tmp / "model_int8.tflite").write_bytes(int8)
         write_json(tmp / "details.json", {**result, "edge": edge, "architecture": arch})
+        write_json(tmp / "run.json", run_info)  # what register reads: inside this stage's out
     frame = predictions_frame(img_paths, patients, y, probs, classes, 0.5)
     write_text(paths.eval_predictions(arch), frame.to_csv(index=False))
     write_text(paths.eval_roc(arch), roc_csv(y, probs))

@@ -192,7 +192,7 @@ def register_best(params: Params, reports: dict, order: list[str]) -> dict[str, 
     paths, metric = params.paths, params.register_cfg.metric
     best = order[0]
     fingerprint = read_json(paths.classes_json)["fingerprint"]
-    run_info = read_json(paths.train_run(best))
+    run_info = read_json(paths.eval_reports(best) / "run.json")
     name = params.register_cfg.registered_name(params.dataset.name)
 
     tracking.configure(params.mlflow, params.dataset.name)

@@ -5,12 +5,13 @@ wrong reason (staining artefacts, the slide border) shows it here long before it
 microscope. Keras and the backends are imported inside the functions so `overlay` (used by the
 report plots) costs no TensorFlow import.
 
-How the gradient is taken: the model is re-wired once into a graph that takes the images and a
-zero tensor `delta` of shape (N, 1, 1, C) which is added, broadcast, to the chosen 4-D feature
-map A. d score / d delta[n, 0, 0, c] is the sum over positions of d score / d A[n, :, :, c],
+How the gradient is taken: the model is re-wired (`keras.models.clone_model` with the same
+layers and a `call_function`) into a graph that adds a zero variable `delta` of shape
+(N, 1, 1, C), broadcast, to the chosen 4-D feature map A and also outputs A.
+d score / d delta[n, 0, 0, c] is the sum over positions of d score / d A[n, :, :, c],
 i.e. the Grad-CAM channel weight up to a constant factor that the final max-normalisation
 removes. That turns "gradient with respect to an intermediate activation" into a gradient with
-respect to a model input, which every backend can take (`tf.GradientTape`, `jax.grad`,
+respect to a variable, which every backend can take (`tf.GradientTape`, `jax.grad`,
 `torch.autograd`), and it works the same for layers inside nested models (an application base
 inside a wrapper), which a plain `keras.Model(model.inputs, inner_layer.output)` cannot reach.
 
@@ -24,7 +25,6 @@ Models are assumed channels-last with a single image input and a single output.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,52 +105,67 @@ def _layer_at(model: Any, path: list[str]) -> Any:
 # --------------------------------------------------------------------------------- re-wiring
 
 
-def _rewire(model: Any, path: list[str], x: Any, delta: Any, found: dict[str, Any]) -> Any:
-    """Replay `model` symbolically on `x`, adding `delta` to the output of the layer at `path`.
+def _probe_layer(n: int, channels: int, dtype: str) -> Any:
+    """A layer adding a zero (n, 1, 1, channels) variable `delta` to a feature map."""
+    import keras
 
-    The feature map before the addition is stored in `found["features"]`; the model's output
-    is returned. Nested models on the path are replayed the same way, so the result is one
-    flat graph from the outer inputs.
+    class FeatureProbe(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__(dtype=dtype, name="gradcam_probe")
+            self.delta = self.add_weight(
+                shape=(n, 1, 1, channels), initializer="zeros", trainable=False, name="delta"
+            )
+
+        def call(self, x: Any) -> Any:
+            return keras.ops.add(x, self.delta)
+
+    return FeatureProbe()
+
+
+def _rewire(model: Any, path: list[str], probe: Any) -> Any:
+    """`model` replayed (same layers, same weights) with `probe` after the layer at `path`.
+
+    Returns a keras.Model with outputs [feature map, model output]. A nested model on the
+    path is replayed the same way, and its feature map becomes an output of the outer graph,
+    so layers inside an application base are reachable. Uses `keras.models.clone_model` with
+    the layers themselves as clones and a `call_function` that intercepts the path.
     """
     import keras
 
-    def intercept(op: Any) -> Callable[..., Any]:
-        if getattr(op, "name", None) != path[0]:
-            return op
+    found: dict[str, Any] = {}
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if len(path) == 1:
-                features = op(*args, **kwargs)
-                found["features"] = features
-                return keras.ops.add(features, delta)
-            return _rewire(op, path[1:], args[0], delta, found)
-
-        return call
+    def call(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        if layer.name != path[0]:
+            return layer(*args, **kwargs)
+        if len(path) == 1:
+            found["features"] = layer(*args, **kwargs)
+            return probe(found["features"])
+        found["features"], out = _rewire(layer, path[1:], probe)(*args, **kwargs)
+        return out
 
     if isinstance(model, keras.Sequential):
+        inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+        x = inputs
         for layer in model.layers:
-            x = intercept(layer)(x)
-        return x
-    # Functional._run_through_graph is what keras.models.clone_model replays a graph with.
-    return model._run_through_graph(x, operation_fn=intercept)
+            x = call(layer, x)
+        outputs = x
+    else:
+        clone = keras.models.clone_model(
+            model, clone_function=lambda layer: layer, call_function=call
+        )
+        inputs, outputs = clone.inputs, clone.outputs[0]
+    if "features" not in found:
+        raise ValueError(f"layer {'/'.join(path)!r} is not on the path from input to output")
+    return keras.Model(inputs, [found["features"], outputs])
 
 
-def _gradcam_model(model: Any, path: list[str]) -> Any:
-    """keras.Model([images, delta]) -> [feature map, output]; see the module docstring."""
-    import keras
-
+def _gradcam_model(model: Any, path: list[str], n: int) -> tuple[Any, Any]:
+    """(keras.Model images -> [feature map, output], its probe); see the module docstring."""
     if len(model.inputs) != 1:
         raise ValueError("grad_cam supports single-input models")
     target = _layer_at(model, path).output
-    images = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-    delta = keras.Input(shape=(1, 1, target.shape[-1]), dtype=target.dtype)
-    found: dict[str, Any] = {}
-    out = _rewire(model, path, images, delta, found)
-    if isinstance(out, list | tuple):
-        out = out[0]
-    if "features" not in found:
-        raise ValueError(f"layer {'/'.join(path)!r} is not on the path from input to output")
-    return keras.Model([images, delta], [found["features"], out])
+    probe = _probe_layer(n, int(target.shape[-1]), str(target.dtype))
+    return _rewire(model, path, probe), probe
 
 
 # ----------------------------------------------------------------------------------- gradients
@@ -174,39 +189,41 @@ def _class_score(out: Any, class_index: int | None) -> Any:
     return ops.sum(p[:, class_index])
 
 
-def _weights_tensorflow(gmodel: Any, images: np.ndarray, delta: np.ndarray, ci: int | None):
+def _weights_tensorflow(gmodel: Any, probe: Any, images: np.ndarray, ci: int | None):
     import tensorflow as tf
 
-    x, d = tf.convert_to_tensor(images), tf.convert_to_tensor(delta)
+    delta = probe.delta.value
     with tf.GradientTape() as tape:
-        tape.watch(d)
-        features, out = gmodel([x, d], training=False)
+        tape.watch(delta)
+        features, out = gmodel(tf.convert_to_tensor(images), training=False)
         score = _class_score(out, ci)
-    return features.numpy(), tape.gradient(score, d).numpy()
+    return features.numpy(), tape.gradient(score, delta).numpy()
 
 
-def _weights_jax(gmodel: Any, images: np.ndarray, delta: np.ndarray, ci: int | None):
+def _weights_jax(gmodel: Any, probe: Any, images: np.ndarray, ci: int | None):
     import jax
 
     trainable = [v.value for v in gmodel.trainable_variables]
     frozen = [v.value for v in gmodel.non_trainable_variables]
+    k = next(i for i, v in enumerate(gmodel.non_trainable_variables) if v is probe.delta)
 
     def score(d: Any) -> tuple[Any, Any]:
-        (features, out), _ = gmodel.stateless_call(trainable, frozen, [images, d], training=False)
+        values = [*frozen[:k], d, *frozen[k + 1 :]]
+        (features, out), _ = gmodel.stateless_call(trainable, values, images, training=False)
         return _class_score(out, ci), features
 
-    grads, features = jax.grad(score, has_aux=True)(jax.numpy.asarray(delta))
+    grads, features = jax.grad(score, has_aux=True)(frozen[k])
     return np.asarray(features), np.asarray(grads)
 
 
-def _weights_torch(gmodel: Any, images: np.ndarray, delta: np.ndarray, ci: int | None):
+def _weights_torch(gmodel: Any, probe: Any, images: np.ndarray, ci: int | None):
     import keras
     import torch
 
-    d = keras.ops.convert_to_tensor(delta)
-    d.requires_grad_(True)
-    features, out = gmodel([keras.ops.convert_to_tensor(images), d], training=False)
-    (grads,) = torch.autograd.grad(_class_score(out, ci), d)
+    delta = probe.delta.value
+    delta.requires_grad_(True)
+    features, out = gmodel(keras.ops.convert_to_tensor(images), training=False)
+    (grads,) = torch.autograd.grad(_class_score(out, ci), delta)
     return keras.ops.convert_to_numpy(features.detach()), grads.detach().cpu().numpy()
 
 
@@ -237,10 +254,8 @@ def grad_cam(
     if x.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {x.shape}")
     path = _resolve_path(model, layer_name)
-    gmodel = _gradcam_model(model, path)
-    spec = gmodel.inputs[1]
-    delta = np.zeros((x.shape[0], 1, 1, spec.shape[-1]), dtype=spec.dtype)
-    features, grads = _BACKENDS[backend](gmodel, x, delta, class_index)
+    gmodel, probe = _gradcam_model(model, path, len(x))
+    features, grads = _BACKENDS[backend](gmodel, probe, x, class_index)
     weights = grads[:, 0, 0, :].astype("float32")
     cam = np.maximum(np.einsum("nhwc,nc->nhw", features.astype("float32"), weights), 0.0)
     return _to_image_size(cam, x.shape[1:3])
