@@ -1,7 +1,6 @@
 """DVC stage `split`: split the validated manifest by patient into TFRecord shards."""
 
 from medimg.cli import stage_main
-from medimg.split import run
 
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main("split")  # params.yaml → medimg.split.run

@@ -1,7 +1,6 @@
 """DVC stage `validate`: manifest + Great Expectations checks on the raw archive."""
 
 from medimg.cli import stage_main
-from medimg.validate import run
 
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main("validate")  # params.yaml → medimg.validate.run

@@ -18,6 +18,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks():
+    """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, which medimg honours over
+    params.yaml: a test that calls it must not point the next test (or its subprocesses) at
+    its store."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 def shared_file(rel: str) -> Path:
     """Path to a real data file in ../shared/data, or skip the test cleanly when absent."""
     path = SHARED_DATA / rel

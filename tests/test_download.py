@@ -162,7 +162,7 @@ def _stage_exit(tmp_path: Path, params: dict[str, Any], capsys: pytest.CaptureFi
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(SystemExit) as info:
-        stage_main(run, ["--params", str(path)])
+        stage_main("download", ["--params", str(path)])
     return info.value.code, capsys.readouterr().err
 
 

@@ -64,7 +64,8 @@ def test_every_imported_module_is_a_dependency(name):
     stage = STAGES[name]
     script = REPO / "stages" / f"{name}.py"
     assert stage["cmd"].startswith(f"python stages/{name}.py")
-    roots = [script, *(REPO / p for p in EXTRA_ROOTS.get(name, []))]
+    module = SRC / "medimg" / f"{name}.py"  # imported by name: stage_main("<name>")
+    roots = [script, module, *(REPO / p for p in EXTRA_ROOTS.get(name, []))]
     deps = _deps(stage)
     missing = sorted(
         f.relative_to(REPO).as_posix()
@@ -77,7 +78,7 @@ def test_every_imported_module_is_a_dependency(name):
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_module_is_named_as_the_stage(name):
     script = REPO / "stages" / f"{name}.py"
-    assert f"from medimg.{name} import run" in script.read_text()
+    assert f'stage_main("{name}")' in script.read_text()
     assert (SRC / "medimg" / f"{name}.py").exists()
 
 

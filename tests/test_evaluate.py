@@ -94,11 +94,24 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
     write_split_dir(params)
     trained = fit(params, "tiny")
     flat = run(params, "tiny")
-    metrics = read_json(params.paths.eval_metrics("tiny"))
+    out = params.paths.eval_reports("tiny")
+    metrics = read_json(out / "summary.json")
     assert metrics == flat
     assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy_ci"][0] <= metrics["accuracy"]
     assert metrics["int8_bytes"] > 0 and 0 <= metrics["int8_agreement"] <= 1
-    out = params.paths.eval_reports("tiny")
+    compared = read_json(params.paths.eval_metrics("tiny"))  # what dvc exp show lists
+    assert set(compared) == {
+        *(
+            f"{m}{s}"
+            for m in ("accuracy", "sensitivity", "specificity", "roc_auc")
+            for s in ("", "_ci_low", "_ci_high")
+        ),
+        "ece",
+        "keras_bytes",
+        "int8_accuracy",
+    }
+    assert compared["accuracy_ci_low"] == metrics["accuracy_ci"][0]
+    assert compared["int8_accuracy"] == metrics["int8_accuracy"]
     for name in (
         "confusion.png",
         "roc.png",
@@ -112,6 +125,25 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
     assert params.paths.eval_predictions("tiny").read_text().startswith("path,patient,actual")
     assert params.paths.eval_roc("tiny").read_text().startswith("fpr,tpr")
     client = MlflowClient(params.mlflow.tracking_uri)
-    logged = client.get_run(trained["run_id"]).data.metrics
+    logged_run = client.get_run(trained["run_id"])
+    logged = logged_run.data.metrics
     assert logged["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "test_params" not in logged and logged_run.data.tags["test_params"] == str(
+        metrics["params"]
+    )
+    # the test metrics are linked to the logged model and to the split dataset
+    model = client.get_logged_model(trained["model_id"])
+    linked = {m.key: m for m in model.metrics or []}
+    assert linked["test_accuracy"].value == pytest.approx(metrics["accuracy"])
+    assert (
+        linked["test_accuracy"].dataset_digest
+        == read_json(params.paths.classes_json)["fingerprint"]
+    )
+    contexts = {
+        tag.value
+        for d in logged_run.inputs.dataset_inputs
+        for tag in d.tags
+        if tag.key == "mlflow.data.context"
+    }
+    assert contexts == {"train"}  # the split, logged once as the run's input
     assert "eval" in {a.path for a in client.list_artifacts(trained["run_id"])}

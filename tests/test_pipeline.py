@@ -17,13 +17,14 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.test_serving_model import cells_for_server, predict_without_medimg
 
 pytestmark = pytest.mark.e2e
 
 
 def _sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")},
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "GIT_PYTHON_REFRESH": "quiet",
@@ -106,6 +107,14 @@ def test_dvc_repro_end_to_end_then_gate_noop_and_failed_gate(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlruns/mlflow.db")
     model = mlflow.pyfunc.load_model("models:/malaria-classifier@champion")
     assert model is not None
+    # the champion loads and predicts two (real, when ../shared has them) cells without medimg
+    rows, medimg_file = predict_without_medimg(
+        f"sqlite:///{repo}/mlruns/mlflow.db",
+        "models:/malaria-classifier@champion",
+        cells_for_server(),
+        tmp_path,
+    )
+    assert len(rows) == 2 and "/code/medimg/" in medimg_file
 
     _check_ui_server(repo, archs=("tiny", "compact_cnn"))
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,7 +38,8 @@ def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
         "params": 1000,
         "keras_bytes": 50_000,
     }
-    write_json(paths.eval_metrics(arch), report)
+    paths.eval_reports(arch).mkdir(parents=True, exist_ok=True)
+    write_json(paths.eval_reports(arch) / "summary.json", report)
     frame = pd.DataFrame({"path": [f"img{i}.png" for i in range(N)], "correct": correct})
     paths.eval_predictions(arch).write_text(frame.to_csv(index=False))
     tracking.configure(params.mlflow, params.dataset.name)
@@ -44,7 +47,9 @@ def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
         info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
         tracking.log_artifact(paths.eval_predictions(arch), "eval")
     paths.eval_reports(arch).mkdir(parents=True, exist_ok=True)
-    write_json(paths.eval_reports(arch) / "run.json", {"run_id": run_id, "model_uri": info.model_uri})
+    write_json(
+        paths.eval_reports(arch) / "run.json", {"run_id": run_id, "model_uri": info.model_uri}
+    )
 
 
 def _correct(accuracy: float, seed: int = 0) -> np.ndarray:
@@ -55,8 +60,13 @@ def _correct(accuracy: float, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def setup(tmp_path):
-    def make(accuracies: dict[str, float], **gate_cfg):
-        params = tiny_params(tmp_path, train={"architectures": list(accuracies)}, gate=gate_cfg)
+    def make(accuracies: dict[str, float], promote: str = "local", **gate_cfg):
+        params = tiny_params(
+            tmp_path,
+            train={"architectures": list(accuracies)},
+            gate=gate_cfg,
+            register={"promote": promote},
+        )
         params.paths.classes_json.parent.mkdir(parents=True, exist_ok=True)
         write_json(params.paths.classes_json, {"fingerprint": "fp1"})
         for i, (arch, acc) in enumerate(accuracies.items()):
@@ -97,7 +107,11 @@ def test_threshold_failure_moves_no_alias_and_gate_exits_1(setup, capsys):
     promotion = run(strict)
     assert not promotion["passed"]
     assert "below gate.min_accuracy 0.999" in promotion["reasons"][0]
-    assert _aliases(params) == {"champion": "1", "challenger": "2", "previous": None}
+    assert _aliases(params) == {
+        "champion": "1",
+        "challenger": "1",
+        "previous": None,
+    }  # refused: nothing registered
     assert gate(strict) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -110,7 +124,11 @@ def test_regression_against_the_champion_fails_with_aliases_unchanged(setup):
     assert not promotion["passed"]
     assert any("below the champion" in r for r in promotion["reasons"])
     assert promotion["paired_test"]["n"] == N  # same split: paired McNemar was computed
-    assert _aliases(params) == {"champion": "1", "challenger": "2", "previous": None}
+    assert _aliases(params) == {
+        "champion": "1",
+        "challenger": "1",
+        "previous": None,
+    }  # refused: nothing registered
 
 
 def test_mcnemar_blocks_a_significantly_worse_candidate_within_max_regression(setup):
@@ -155,3 +173,56 @@ def test_rank_prefers_the_smaller_model_on_ties():
         ["small", "big"],
         "accuracy",
     )
+
+
+def test_an_experiment_records_the_decision_but_promotes_nothing(setup, monkeypatch):
+    params = setup({"tiny": 0.90}, min_accuracy=0.5)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-seed-7")
+    record = run(params)
+    assert record["passed"] and not record["promoted"]
+    assert "experiments do not promote" in record["not_promoted_because"]
+    assert _aliases(params) == {"champion": None, "challenger": None, "previous": None}
+    compare = (params.paths.promotion.parent / "compare.md").read_text()
+    assert "WOULD PASS" in compare
+    gate_json = read_json(params.paths.promotion.parent / "gate.json")
+    assert gate_json == {
+        "passed": True,
+        "promoted": False,
+        "candidate_accuracy": 0.9,
+        "champion_accuracy": None,
+        "champion_version": None,
+        "mcnemar_p": None,
+    }
+    assert gate(params) == 0  # the decision passes; nothing to check in the registry
+
+
+def test_promotion_is_allowed_only_on_a_local_store_outside_experiments(tmp_path, monkeypatch):
+    from medimg.promotion import promotion_allowed
+
+    params = tiny_params(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert promotion_allowed(params)[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    allowed, why = promotion_allowed(params)
+    assert not allowed and "medimg promote" in why
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    never = tiny_params(tmp_path, register={"promote": "never"})
+    assert not promotion_allowed(never)[0]
+
+
+def test_medimg_promote_exits_1_and_changes_nothing_when_refused(setup, capsys, tmp_path):
+    from medimg.commands.promote import run as promote_cmd
+
+    params = setup({"tiny": 0.95}, min_accuracy=0.5, max_regression=0.01, promote="never")
+    args = SimpleNamespace(output=str(tmp_path / "decision.json"), summary=None)
+    assert promote_cmd(params, args) == 0  # first candidate: promoted
+    assert _aliases(params) == {"champion": "1", "challenger": "1", "previous": None}
+    _log_candidate(params, "tiny", _correct(0.85, seed=3))
+    assert promote_cmd(params, args) == 1
+    record = read_json(tmp_path / "decision.json")
+    assert not record["promoted"] and any("below the champion" in r for r in record["reasons"])
+    assert _aliases(params) == {"champion": "1", "challenger": "1", "previous": None}
+    _log_candidate(params, "tiny", np.ones(N, bool))
+    assert promote_cmd(params, args) == 0
+    assert _aliases(params) == {"champion": "2", "challenger": "2", "previous": "1"}
+    assert "is the champion" in capsys.readouterr().out

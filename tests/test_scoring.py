@@ -20,8 +20,6 @@ def test_result_frame_binary_and_multiclass():
     assert {"p_a", "p_b", "p_c"} <= set(multi.columns)
 
 
-
-
 def test_predicted_labels_threshold_and_argmax():
     np.testing.assert_array_equal(predicted_labels(np.array([0.2, 0.5, 0.7]), 0.6), [0, 0, 1])
     np.testing.assert_array_equal(predicted_labels(np.array([[0.9], [0.1]])), [1, 0])

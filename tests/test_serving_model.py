@@ -114,6 +114,64 @@ def test_pyfunc_threshold_param_and_bad_input(pyfunc):
         pyfunc.predict(np.zeros((2, 8, 8)))
 
 
+# ------------------------------------------------------------------ without medimg installed
+
+WITHOUT_MEDIMG = """
+import json, sys, importlib.util
+sys.path.append(sys.argv[1])  # site-packages, its .pth files unread: no editable medimg path
+assert importlib.util.find_spec("medimg") is None, "medimg is importable"
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[2])
+model = mlflow.pyfunc.load_model(sys.argv[3])
+rows = model.predict(pd.DataFrame({"image": json.loads(sys.stdin.read())}))
+print(json.dumps({"rows": rows.to_dict("records"), "medimg": sys.modules["medimg"].__file__}))
+"""
+
+
+def predict_without_medimg(tracking_uri: str, model_uri: str, cells: list[bytes], cwd: Path):
+    """Load `model_uri` and predict `cells` in a Python where medimg is not installed.
+
+    `python -S` skips site-packages and its `.pth` files, the editable install's included;
+    the script adds site-packages back as a plain path, so mlflow, keras and pandas import but
+    `medimg` does not, as after `pip uninstall medimg`. What imports later comes from the
+    model's own `code/` folder.
+    """
+    import json
+    import sysconfig
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            WITHOUT_MEDIMG,
+            sysconfig.get_paths()["purelib"],
+            tracking_uri,
+            model_uri,
+        ],
+        input=json.dumps([b64(c) for c in cells]),
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return pd.DataFrame(result["rows"]), result["medimg"]
+
+
+def test_registered_model_predicts_where_medimg_is_not_installed(reg, pyfunc, tmp_path):
+    cells = cells_for_server()
+    rows, medimg_file = predict_without_medimg(
+        reg.params.mlflow.tracking_uri, CHAMPION, cells, tmp_path
+    )
+    assert "/code/medimg/" in medimg_file  # the copy logged with the model
+    check_rows(rows, 2)
+    here = pyfunc.predict(pd.DataFrame({"image": [b64(c) for c in cells]}))
+    np.testing.assert_allclose(rows["p_Parasitized"], here["p_Parasitized"], rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ server
 
 

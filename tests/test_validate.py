@@ -67,7 +67,7 @@ def report(tmp_path: Path) -> dict:
 
 
 def run_stage(params_file: Path) -> None:
-    stage_main(run, ["--params", str(params_file)])
+    stage_main("validate", ["--params", str(params_file)])
 
 
 def fails(tmp_path: Path, params_file: Path, capsys: pytest.CaptureFixture) -> str:

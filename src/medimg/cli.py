@@ -7,9 +7,11 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from medimg.config import Params, load_params
@@ -21,17 +23,45 @@ def fail(err: MedimgError) -> None:
     raise SystemExit(err.exit_code)
 
 
-def stage_main(run: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
-    """Run one DVC stage: `python stages/<name>.py [ARG] [--params FILE]`.
+@contextlib.contextmanager
+def native_stderr_muted() -> Iterator[None]:
+    """Silence file descriptor 2 while TensorFlow's native libraries load.
+
+    TF 2.2x logs its oneDNN and CPU-feature notices through absl before absl is initialised,
+    so TF_CPP_MIN_LOG_LEVEL does not reach them: every stage log would start with them.
+    Python exceptions are unaffected (they are raised, not printed, inside the block).
+    """
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_quietly(module: str) -> Any:
+    """`importlib.import_module` with TensorFlow's start-up notices muted."""
+    with native_stderr_muted():
+        import keras  # noqa: F401  loads TensorFlow's native libraries, the noisy part
+
+        return importlib.import_module(module)
+
+
+def stage_main(stage: str, argv: Sequence[str] | None = None) -> None:
+    """Run one DVC stage, `medimg.<stage>.run`: `python stages/<stage>.py [ARG] [--params F]`.
 
     ARG is the matrix item (an architecture) for train and evaluate.
     """
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
     parser.add_argument("item", nargs="?")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
         params: Params = load_params(args.params)
+        run = import_quietly(f"medimg.{stage}").run
         run(params, args.item) if args.item else run(params)
     except MedimgError as err:
         fail(err)
@@ -51,9 +81,7 @@ def _lazy(module: str, function: str = "run") -> Handler:
     check-params` should not pay for importing TensorFlow."""
 
     def handler(params: Params, args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(f"medimg.commands.{module}"), function)(
-            params, args
-        )
+        return getattr(import_quietly(f"medimg.commands.{module}"), function)(params, args)
 
     return handler
 
@@ -91,7 +119,19 @@ COMMANDS: dict[str, tuple[str, Handler] | tuple[str, Handler, AddArguments]] = {
         _lazy("export"),
         _arguments("export"),
     ),
+    "promote": (
+        "register the best candidate and move champion if it passes the gate (exit 1: refused)",
+        _lazy("promote"),
+        _arguments("promote"),
+    ),
+    "server": (
+        "team mode: run the MLflow tracking server on PostgreSQL, add accounts",
+        _lazy("server"),
+        _arguments("server"),
+    ),
 }
+# Commands that run without a params file (a server host has no checkout).
+NO_PARAMS = frozenset({"server"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = None if args.command in NO_PARAMS else load_params(args.params)
         code = COMMANDS[args.command][1](params, args)
     except MedimgError as err:
         fail(err)

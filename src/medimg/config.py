@@ -200,6 +200,9 @@ class EvaluateConfig(Frozen):
 class RegisterConfig(Frozen):
     metric: str = "accuracy"
     model_name: str | None = None
+    # local: the register stage promotes on a local store outside DVC experiments (one user);
+    # never: it only records the decision. A shared server is promoted by `medimg promote`.
+    promote: Literal["local", "never"] = "local"
 
     def registered_name(self, dataset: str) -> str:
         return self.model_name or f"{dataset}-classifier"

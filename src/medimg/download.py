@@ -22,12 +22,12 @@ from urllib.parse import urlparse
 
 import requests
 import urllib3
-from tqdm import tqdm
 
 from medimg.config import ArchiveLimits, DatasetConfig, Params
 from medimg.data.archive import Member, archive_kind, iter_members, scan
 from medimg.errors import DataError
 from medimg.io import atomic_path
+from medimg.io import progress as progress_bar
 
 CHUNK = 1 << 20
 BACKOFF_S = 1.0  # first retry delay; doubles per attempt (tests shrink it)
@@ -100,13 +100,13 @@ def _open_mode(resp: requests.Response, part: Path, have: int) -> str | None:
 
 def _stream(resp: requests.Response, part: Path, mode: str, size: int, progress: bool) -> None:
     """Raw bytes (no content decoding): what lands in `part` is what the sha256 pins."""
-    bar = tqdm(
+    bar = progress_bar(
         total=size,
         initial=part.stat().st_size if mode == "ab" else 0,
         unit="B",
         unit_scale=True,
         desc=part.name,
-        disable=None if progress else True,  # None: quiet when stderr is not a terminal
+        enabled=progress,
     )
     with bar, part.open(mode) as fh:
         for block in resp.raw.stream(CHUNK, decode_content=False):

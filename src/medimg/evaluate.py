@@ -239,6 +239,19 @@ def headline(result: dict[str, Any], train: dict[str, Any], edge: dict[str, Any]
     return flat
 
 
+COMPARED = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+def dvc_metrics(flat: dict[str, Any]) -> dict[str, Any]:
+    """What `dvc exp show` / `metrics diff` compare: the headline rates with their patient-
+    bootstrap CIs, calibration, size and int8 accuracy (the rest is in summary.json)."""
+    out: dict[str, Any] = {}
+    for name in COMPARED:
+        low, high = flat.get(f"{name}_ci") or (None, None)
+        out |= {name: flat.get(name), f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return out | {k: flat.get(k) for k in ("ece", "keras_bytes", "int8_accuracy")}
+
+
 def run(params: Params, arch: str) -> dict[str, Any]:
     """Evaluate `arch` on test, write reports/eval/<arch>.json + plots, log to its MLflow run."""
     paths, cfg = params.paths, params.evaluate
@@ -264,10 +277,11 @@ def run(params: Params, arch: str) -> dict[str, Any]:
             (tmp / "model_int8.tflite").write_bytes(int8)
         write_json(tmp / "details.json", {**result, "edge": edge, "architecture": arch})
         write_json(tmp / "run.json", run_info)  # what register reads: inside this stage's out
+        write_json(tmp / "summary.json", flat)  # every headline number, for compare.md
     frame = predictions_frame(img_paths, patients, y, probs, classes, 0.5)
     write_text(paths.eval_predictions(arch), frame.to_csv(index=False))
     write_text(paths.eval_roc(arch), roc_csv(y, probs))
-    write_json(paths.eval_metrics(arch), flat)
+    write_json(paths.eval_metrics(arch), dvc_metrics(flat))
     files = [*sorted(out.iterdir()), paths.eval_predictions(arch), paths.eval_roc(arch)]
     _log(params, run_info, flat, files, info["fingerprint"])
     print(
@@ -286,7 +300,6 @@ def _log(params: Params, run_info: dict, flat: dict, files: list[Path], fingerpr
     paths = params.paths
     with tracking.run(run_id=run_info["run_id"]):
         dataset = tracking.split_dataset(paths.split_manifest, params.dataset.name, fingerprint)
-        tracking.log_dataset(dataset, "test")
         values = {k: v for k, v in flat.items() if not k.endswith("_ci") and k not in SIZES}
         for name, ci in flat.items():
             if name.endswith("_ci") and ci[0] is not None:

@@ -75,3 +75,39 @@ def write_json(dest: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# A progress bar redraws ~10 times a second on a terminal; in a log file each redraw is kept,
+# so off a terminal it appears only once a job has run LOG_PROGRESS_SECONDS and then redraws
+# at most that often: nothing for a short job, a few lines for a long one.
+LOG_PROGRESS_SECONDS = 30.0
+
+
+def progress(
+    iterable: Any = None,
+    total: int | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    enabled: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """A tqdm bar on stderr: live on a terminal; in a log, a line per 30 s of a long job."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not enabled,
+        mininterval=0.1 if tty else LOG_PROGRESS_SECONDS,
+        maxinterval=10.0 if tty else LOG_PROGRESS_SECONDS * 4,
+        delay=0.0 if tty else LOG_PROGRESS_SECONDS,
+        dynamic_ncols=tty,
+        ascii=not tty,
+        **kwargs,
+    )

@@ -12,6 +12,7 @@ recorded decision against the registry for CI; `medimg rollback` undoes a promot
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ GATED = ("accuracy", "sensitivity", "specificity")
 def load_reports(params: Params) -> dict[str, dict[str, Any]]:
     reports = {}
     for arch in params.train.architectures:
-        path = params.paths.eval_metrics(arch)
+        path = params.paths.eval_reports(arch) / "summary.json"
         if not path.exists():
             raise DataError(f"{path}: missing; run `dvc repro evaluate` first")
         reports[arch] = read_json(path)
@@ -174,10 +175,10 @@ def _champion_state(name: str, fingerprint: str, tmp: Path) -> tuple[dict | None
     return state, csv
 
 
-def _version_tags(params: Params, arch: str, report: dict[str, Any], fingerprint: str) -> dict:
+def _version_tags(params: Params, arch: str, report: dict[str, Any]) -> dict:
     """What `medimg gate` and `medimg predict` read back: test figures and the threshold
     chosen on validation for `evaluate.target_sensitivity`."""
-    tags = {"architecture": arch, "dataset_fingerprint": fingerprint}
+    tags: dict[str, Any] = {"architecture": arch}
     tags |= {f"test_{k}": report[k] for k in (*GATED, "roc_auc") if report.get(k) is not None}
     details = params.paths.eval_reports(arch) / "details.json"
     if details.exists():
@@ -187,65 +188,93 @@ def _version_tags(params: Params, arch: str, report: dict[str, Any], fingerprint
     return tags
 
 
-def register_best(params: Params, reports: dict, order: list[str]) -> dict[str, Any]:
-    """Register the best architecture as challenger and promote it if it passes the gate."""
+def promotion_allowed(params: Params) -> tuple[bool, str]:
+    """Whether the register stage itself may promote, and why (not).
+
+    `register.promote: local` (the single-user default): yes on a local store (SQLite), so a
+    newcomer's `dvc repro` ends with a champion; never inside a DVC experiment, nor against a
+    shared server, where promotion is `medimg promote`, run by CI. `never`: only the decision.
+    """
+    uri = tracking.tracking_uri(params.mlflow)
+    if params.register_cfg.promote == "never":
+        return False, "register.promote is never: promotion is `medimg promote`"
+    if os.environ.get("DVC_EXP_NAME"):
+        return False, f"DVC experiment {os.environ['DVC_EXP_NAME']}: experiments do not promote"
+    if not tracking.is_local_store(uri):
+        return False, f"shared tracking server {uri}: promotion is `medimg promote` (CI)"
+    return True, f"local store {uri} (register.promote: local)"
+
+
+def gate_decision(params: Params, reports: dict, order: list[str]) -> dict[str, Any]:
+    """The gate's verdict on the best architecture against the current champion; read-only.
+
+    Reads the registry (the champion, its predictions) but writes nothing to it.
+    """
     paths, metric = params.paths, params.register_cfg.metric
     best = order[0]
     fingerprint = read_json(paths.classes_json)["fingerprint"]
     run_info = read_json(paths.eval_reports(best) / "run.json")
     name = params.register_cfg.registered_name(params.dataset.name)
-
     tracking.configure(params.mlflow, params.dataset.name)
     with tempfile.TemporaryDirectory() as tmp:
         champion, champ_csv = _champion_state(name, fingerprint, Path(tmp))
         paired = paired_test(paths.eval_predictions(best), champ_csv)
-    version = tracking.register_version(
-        run_info["model_uri"], name, _version_tags(params, best, reports[best], fingerprint)
-    )
-    tracking.set_alias(name, "challenger", version)
-    decision = decide(reports[best], champion, paired, params.gate)
-    if decision["passed"]:
-        if champion is not None and champion["version"] != version:
-            tracking.set_alias(name, "previous", champion["version"])
-        tracking.set_alias(name, "champion", version)
-    promotion = {
+    return {
         "model_name": name,
         "candidate": {
             "architecture": best,
-            "version": version,
+            "version": None,
             "run_id": run_info["run_id"],
+            "model_uri": run_info["model_uri"],
             **_gated(reports[best]),
         },
+        "fingerprint": fingerprint,
         "selection_metric": metric,
         "ranking": order,
         "champion_before": champion,
         "paired_test": paired,
         "gate": params.gate.model_dump(),
-        **decision,
+        **decide(reports[best], champion, paired, params.gate),
+        "promoted": False,
+        "champion_after": champion,
+    }
+
+
+def promote(params: Params, record: dict[str, Any], reports: dict) -> dict[str, Any]:
+    """Act on a passed decision: register the candidate, `previous` ← the old champion,
+    `champion` (and `challenger`) ← the new version. A refused candidate changes nothing."""
+    if not record["passed"]:
+        return record
+    name, cand = record["model_name"], record["candidate"]
+    tags = _version_tags(params, cand["architecture"], reports[cand["architecture"]])
+    tags |= {"dataset_fingerprint": record["fingerprint"], "gate_passed": True}
+    version = tracking.register_version(cand["model_uri"], name, tags)
+    tracking.set_alias(name, "challenger", version)
+    champion = record["champion_before"]
+    if champion is not None and champion["version"] != version:
+        tracking.set_alias(name, "previous", champion["version"])
+    tracking.set_alias(name, "champion", version)
+    return record | {
+        "candidate": {**cand, "version": version},
+        "promoted": True,
         "champion_after": tracking.version_by_alias(name, "champion"),
     }
-    write_json(paths.promotion, promotion)
-    tracking.set_version_tags(
-        name,
-        version,
-        {
-            "gate_passed": decision["passed"],
-            "gate_reasons": "; ".join(decision["reasons"]) or "all checks passed",
-        },
-    )
-    print(reason_paragraph(promotion))
-    return promotion
 
 
 def _gated(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report.get(k) for k in (*GATED, "roc_auc")}
 
 
-def write_comparison(params: Params, reports: dict, order: list[str], metric: str) -> None:
+def write_comparison(
+    params: Params, reports: dict, order: list[str], metric: str, gate_text: str = ""
+) -> None:
+    """`reports/compare.md` (the table, then the gate's verdict) and `compare.png`."""
     from medimg.analysis.plots import plot_comparison, save_figure
 
     reports_dir = Path(params.paths.reports)
-    write_text(reports_dir / "compare.md", compare_markdown(reports, order, metric))
+    text = compare_markdown(reports, order, metric)
+    text += f"\n## Gate\n\n{gate_text}\n" if gate_text else ""
+    write_text(reports_dir / "compare.md", text)
     cis = {
         a: {
             "point": reports[a]["accuracy"],
@@ -259,8 +288,9 @@ def write_comparison(params: Params, reports: dict, order: list[str], metric: st
 
 def reason_paragraph(promotion: dict[str, Any]) -> str:
     c = promotion["candidate"]
+    label = f"v{c['version']}" if c.get("version") else f"candidate run {c['run_id'][:8]}"
     head = (
-        f"{promotion['model_name']} v{c['version']} ({c['architecture']}, test accuracy "
+        f"{promotion['model_name']} {label} ({c['architecture']}, test accuracy "
         f"{_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, specificity "
         f"{_fmt(c['specificity'])})"
     )
@@ -270,10 +300,34 @@ def reason_paragraph(promotion: dict[str, Any]) -> str:
         if before
         else " with no previous champion"
     )
-    if promotion["passed"]:
+    why = promotion.get("not_promoted_because")
+    if promotion["passed"] and promotion.get("promoted"):
         return f"PASS: {head} passed every gate check{vs} and is the champion."
+    if promotion["passed"]:
+        return f"WOULD PASS: {head} passes every gate check{vs}; not promoted: {why}."
+    verb = "would fail" if why else "did not pass"
     return (
-        f"FAIL: {head} did not pass the gate{vs}: "
+        f"FAIL: {head} {verb} the gate{vs}: "
         + "; ".join(promotion["reasons"])
-        + ". No alias was moved."
+        + (". Nothing was registered and no alias moved.")
     )
+
+
+def gate_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of a decision that `dvc exp show` compares across experiments."""
+    champion, paired = record.get("champion_before") or {}, record.get("paired_test") or {}
+    after = record.get("champion_after") or {}
+    return {
+        "passed": bool(record["passed"]),
+        "promoted": bool(record.get("promoted")),
+        "candidate_accuracy": record["candidate"].get("accuracy"),
+        "champion_accuracy": champion.get("accuracy"),
+        "champion_version": int(after["version"]) if after.get("version") else None,
+        "mcnemar_p": paired.get("p_value"),
+    }
+
+
+def write_decision(params: Params, record: dict[str, Any]) -> None:
+    """The whole record (`promotion.json`) and its DVC metrics (`gate.json`)."""
+    write_json(params.paths.promotion, record)
+    write_json(Path(params.paths.reports) / "gate.json", gate_summary(record))

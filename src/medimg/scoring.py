@@ -23,6 +23,7 @@ DEFAULT_THRESHOLD = 0.5
 # Images per model call: bounds memory on a whole test split; larger batches gain nothing on CPU.
 SCORE_BATCH = 256
 
+
 def model_size(model: Any) -> int:
     """The square input size the model was built for (its `(None, S, S, 3)` input)."""
     shape = tuple(model.inputs[0].shape)
@@ -130,5 +131,3 @@ def pick_threshold(override: float | None, info: dict[str, Any]) -> float:
                 raise MedimgError(f"threshold must be in [0, 1], got {value}", exit_code=2)
             return value
     return DEFAULT_THRESHOLD
-
-

@@ -247,6 +247,7 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
     from medimg.models import build_model
 
     check_architectures(params)
+    tracking.configure(params.mlflow, params.dataset.name)  # an unreachable server fails now
     keras.utils.set_random_seed(params.seed)
     plan = resolve_plan(params, arch)
     info = _class_info(params)
@@ -272,7 +273,6 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
         )
         compile_model(trainer, plan, num_classes, steps, params.train.xla)
 
-    tracking.configure(params.mlflow, params.dataset.name)
     resume_id = _read_resume_id(backup)
     tags = {
         "architecture": arch,
@@ -289,9 +289,7 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
             tracking.log_params(
                 {**params.model_dump(mode="json", by_alias=True), "plan": asdict(plan)}
             )
-            dataset = split_dataset(params)
-            tracking.log_dataset(dataset, "train")
-            tracking.log_dataset(dataset, "val")
+            tracking.log_dataset(split_dataset(params), "train")  # one input: the whole split
         callbacks = make_callbacks(params, plan, backup, n_train)
         weights = (
             class_weights(info["counts"]["train"], classes) if params.train.class_weights else None

@@ -84,7 +84,6 @@ def explain_command(
     return Path(output)
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-o", "--output", required=True, help="overlay PNG to write")

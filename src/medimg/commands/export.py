@@ -21,6 +21,7 @@ from medimg.scoring import Classifier, probabilities
 
 MIN_AGREEMENT = 0.99
 
+
 def export_path(params: Params, clf: Classifier, quantize: str) -> Path:
     """`models/export/<name>-v<version>-<quantize>.tflite`; for a run `run-<id8>-...`, for a
     file its stem (`models/<arch>/model.keras` → `<arch>-...`)."""
@@ -43,9 +44,7 @@ def export_edge(params: Params, clf: Classifier, quantize: str) -> tuple[bytes, 
         x_train, *_ = split_arrays(params.paths.split, "train", clf.size)
         calibration = representative(x_train, params.evaluate.representative_samples, params.seed)
     keras_probs = probabilities(clf.model, x_test)
-    check = edge_check(
-        clf.model, quantize, x_test, y_test, keras_probs, clf.threshold, calibration
-    )
+    check = edge_check(clf.model, quantize, x_test, y_test, keras_probs, clf.threshold, calibration)
     check_parity(keras_probs, check.probs, MIN_AGREEMENT, clf.threshold)
     stats = {
         "bytes": check.size,

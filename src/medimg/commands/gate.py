@@ -17,12 +17,16 @@ def gate(params: Params) -> int:
     if not path.exists():
         raise MedimgError(f"{path}: no promotion decision; run `dvc repro` first")
     promotion = read_json(path)
-    report = read_json(params.paths.eval_metrics(promotion["candidate"]["architecture"]))
+    arch = promotion["candidate"]["architecture"]
+    report = read_json(params.paths.eval_reports(arch) / "summary.json")
     decision = decide(report, promotion["champion_before"], promotion["paired_test"], params.gate)
     promotion |= decision
     tracking.configure(params.mlflow, params.dataset.name)
     champ = tracking.version_by_alias(promotion["model_name"], "champion")
     text = reason_paragraph(promotion)
+    if not promotion.get("promoted"):  # a decision only: `medimg promote` acts on it
+        print(text)
+        return 0 if decision["passed"] else 1
     if decision["passed"] and (
         champ is None or champ["version"] != promotion["candidate"]["version"]
     ):

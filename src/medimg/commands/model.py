@@ -12,7 +12,9 @@ from medimg.scoring import Classifier, check_classes, model_size, pick_threshold
 
 
 def _check_store(params: Params, spec: str) -> None:
-    uri = params.mlflow.tracking_uri
+    from medimg.tracking import tracking_uri
+
+    uri = tracking_uri(params.mlflow)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise MedimgError(
             f"{uri.removeprefix('sqlite:///')}: no MLflow store to resolve model {spec!r} in; "
@@ -44,8 +46,6 @@ def load_classifier(params: Params, spec: str, threshold: float | None = None) -
     classes = check_classes(model, info.get("classes") or params.validate_cfg.classes)
     chosen = pick_threshold(threshold, info)
     return Classifier(model, classes, model_size(model), chosen, info)
-
-
 
 
 MODEL_HELP = (

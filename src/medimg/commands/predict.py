@@ -18,6 +18,7 @@ from medimg.commands.model import MODEL_HELP, load_classifier
 from medimg.config import Params
 from medimg.data.images import IMAGE_SUFFIXES, ImageInputError, decode_image, resize_batch
 from medimg.errors import MedimgError
+from medimg.io import progress as progress_bar
 from medimg.scoring import model_size, probabilities, result_frame
 
 # A progress bar helps on a folder of thousands of cells; for a handful it is noise, and in a
@@ -108,11 +109,9 @@ def predict_files(
 
     Files are decoded and scored `batch_size` at a time, so memory stays flat on any folder.
     """
-    from tqdm import tqdm
-
     size = model_size(model)
     frames = []
-    with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
+    with progress_bar(total=len(files), unit="img", enabled=progress) as bar:
         for chunk in _batches(files, batch_size):
             ok, images = [], []
             for path in chunk:
@@ -176,6 +175,7 @@ def _table(frame: pd.DataFrame) -> str:
     ]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
+
 # ---------------------------------------------------------------------------------- commands
 
 
@@ -225,7 +225,6 @@ def predict_command(
     else:
         write_text(output, text)
     return 1 if failed or problems else 0
-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -353,5 +353,3 @@ def corrupt_note(report: Mapping[str, Any]) -> str:
     tail = [f"    ... and {more} more in the validation report"] if more > 0 else []
     head = f"excluded {report['corrupt']} corrupt image(s) (within validate.max_corrupt_fraction):"
     return "\n".join([head, *files, *tail])
-
-

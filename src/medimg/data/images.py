@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 class ImageInputError(ValueError):
     """One input cannot be used as an image; the message says which and why."""
 
+
 # --------------------------------------------------------------------------------- decoding
 
 
@@ -181,8 +182,6 @@ def _pixels(arr: np.ndarray, source: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ImageInputError(f"{source}: pixels contain NaN or inf")
     return values
-
-
 
 
 def png_request(images: np.ndarray, n: int = 2) -> pd.DataFrame | None:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import re
-import sys
 import zipfile
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -23,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from medimg.config import ArchiveLimits, SplitConfig, ValidateConfig
 from medimg.data.archive import iter_members
 from medimg.errors import ConfigError
-from medimg.io import atomic_path
+from medimg.io import atomic_path, progress
 
 if TYPE_CHECKING:
     pass
@@ -214,13 +212,11 @@ def build_manifest(
 
     Image.init()  # load every format plugin now, not racing in the first worker threads
     members = ((m.name, data) for m, data in iter_members(archive, limits))
-    bar = tqdm(
+    bar = progress(
         _ordered_parallel(row, members, workers),
         total=_member_count(archive),
         desc=f"manifest {archive.name}",
         unit="file",
-        disable=None,
-        file=sys.stderr,
     )
     return manifest_frame(bar)
 
@@ -259,9 +255,6 @@ def checked_frame(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
     return frame
 
 
-
-
 def write_manifest(manifest: pd.DataFrame, dest: Path) -> None:
     with atomic_path(dest) as tmp:
         manifest.to_parquet(tmp, index=False)
-

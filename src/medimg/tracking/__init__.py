@@ -19,6 +19,7 @@ from medimg.tracking.runs import (
     configure,
     flatten,
     git_commit,
+    is_local_store,
     log_artifact,
     log_code_model,
     log_dataset,
@@ -28,6 +29,7 @@ from medimg.tracking.runs import (
     run,
     set_tags,
     split_dataset,
+    tracking_uri,
 )
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "download_run_artifact",
     "flatten",
     "git_commit",
+    "is_local_store",
     "log_artifact",
     "log_code_model",
     "log_dataset",
@@ -50,6 +53,7 @@ __all__ = [
     "set_tags",
     "set_version_tags",
     "split_dataset",
+    "tracking_uri",
     "version_by_alias",
     "version_info",
 ]

@@ -71,7 +71,6 @@ def download_run_artifact(run_id: str, path: str, dest: str | Path) -> Path | No
     return Path(local)
 
 
-
 def resolve_model(spec: str, name: str, dest: Path) -> tuple[Path, dict[str, Any]]:
     """The `.keras` file behind `spec`, downloaded under `dest`, and what the registry says.
 
@@ -84,7 +83,6 @@ def resolve_model(spec: str, name: str, dest: Path) -> tuple[Path, dict[str, Any
     """
     import mlflow
     from mlflow.exceptions import MlflowException
-
 
     uri, info = _model_source(spec, name)
     try:
@@ -136,7 +134,6 @@ def _models_uri_info(uri: str) -> dict[str, Any]:
 def _logged_model_info(model_id: str) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
-
     try:
         logged = _client().get_logged_model(model_id)
     except MlflowException as err:
@@ -146,7 +143,6 @@ def _logged_model_info(model_id: str) -> dict[str, Any]:
 
 def _version(name: str, version: str | None, alias: str | None) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
-
 
     try:
         client = _client()
@@ -171,7 +167,6 @@ def _version(name: str, version: str | None, alias: str | None) -> dict[str, Any
 def _run_model_uri(run_id: str) -> str:
     """`models:/<id>` of the run's logged model: the serving `classifier`, else the newest."""
     from mlflow.exceptions import MlflowException
-
 
     client = _client()
     try:

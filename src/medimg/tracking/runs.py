@@ -9,6 +9,7 @@ plain file store for the registry and aliases we rely on.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,21 +21,46 @@ import numpy as np
 from medimg.config import MlflowConfig
 
 
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """`MLFLOW_TRACKING_URI` when set (a teammate's shell, CI), else `mlflow.tracking_uri`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def is_local_store(uri: str) -> bool:
+    """A store on this machine (SQLite or files): one user, no server in between."""
+    return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
+
+
 def configure(cfg: MlflowConfig, dataset: str) -> str:
-    """Point MLflow at the store of `cfg` and return the dataset's experiment id."""
+    """Point MLflow at the store (env over params) and return the dataset's experiment id.
+
+    A server is checked first, so a stage fails in seconds with one line naming the URI or
+    the refused user, before any training. On a server, artifacts go where it says (proxied);
+    on a local store, under `mlflow.artifact_root`.
+    """
     import mlflow
 
-    if cfg.tracking_uri.startswith("sqlite:///"):
-        Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    from medimg.tracking.server import check_credentials, check_reachable
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri)
+    check_credentials(uri)
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if user_env is None:  # MLflow exports the URI to the environment; only the user's counts
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     name = cfg.experiment_name(dataset)
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         exp_id = found.experiment_id
-    else:
+    elif is_local_store(uri):
         artifacts = Path(cfg.artifact_root).resolve()
         artifacts.mkdir(parents=True, exist_ok=True)
         exp_id = mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+    else:
+        exp_id = mlflow.create_experiment(name)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -127,7 +153,8 @@ def split_dataset(split_manifest: str | Path, dataset: str, fingerprint: str) ->
 
     frame = pd.read_parquet(split_manifest)
     return mlflow.data.from_pandas(
-        frame, source=str(Path(split_manifest).resolve()),
+        frame,
+        source=str(Path(split_manifest).resolve()),
         name=f"{dataset}-split",
         digest=fingerprint,
     )
@@ -215,5 +242,3 @@ def git_commit(repo: str | Path = ".") -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
-
-
