@@ -80,8 +80,8 @@ def epoch_rate(make_iter, epochs: int = 1) -> float:
 def pipeline_vs_generator(params, folder: Path, n: int, size: int) -> list[list[str]]:
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
-    from medimg.models.augment import build_augmenter
     from medimg.data.shards import AUTOTUNE, make_dataset
+    from medimg.models.augment import build_augmenter
 
     aug = build_augmenter(params.train.augment, 0)
     ds = make_dataset(params.paths.split, "train", size, 32, num_classes=2, training=True, limit=n)
@@ -126,9 +126,9 @@ def fit_ratio(params, arch: str, size: int, limit: int, rounds: int = 5) -> list
     This CPU's speed drifts by ±30% over a minute (shared host), so timing one input after the
     other measures the drift; alternating epochs and taking medians cancels it.
     """
-    from medimg.models.augment import build_augmenter, with_augmentation
     from medimg.data.shards import load_arrays, make_dataset
     from medimg.models import build_model
+    from medimg.models.augment import build_augmenter, with_augmentation
 
     n = limit // 32 * 32  # whole batches on both sides
     x, y, _, _ = load_arrays(params.paths.split, "train", size)

@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
         tf.config.threading.set_intra_op_parallelism_threads(args.n_threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         from medimg.models.loading import load_model
-        from medimg.predict import probabilities
+        from medimg.scoring import probabilities
 
         model = load_model(args.model_file)
         rate = timed_pass(lambda x: probabilities(model, x), images, args.batch_size)
@@ -109,7 +109,7 @@ def load_or_build(model_path: Path | None, tmp: Path) -> tuple[Path, str]:
 
 
 def decode_all(cells: list[bytes], size: int) -> tuple[np.ndarray, float]:
-    from medimg.predict import decode_image, resize_batch
+    from medimg.data.images import decode_image, resize_batch
 
     start = time.perf_counter()
     images = resize_batch([decode_image(c, f"cell {i}") for i, c in enumerate(cells)], size)
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="medimg-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model_file, origin = load_or_build(args.model, tmp)
-        from medimg.models.loading import load_model
         from medimg.analysis.edge import to_tflite
-        from medimg.predict import model_size
+        from medimg.models.loading import load_model
+        from medimg.scoring import model_size
 
         model = load_model(model_file)
         size = model_size(model)

@@ -28,11 +28,11 @@ def main() -> None:
 
     import keras
 
-    from medimg.models.augment import build_augmenter, with_augmentation
     from medimg.config import load_params
     from medimg.data.shards import make_dataset
     from medimg.download import run as download
     from medimg.models import build_model, get_spec
+    from medimg.models.augment import build_augmenter, with_augmentation
     from medimg.split import run as split
     from medimg.validate import run as validate
 

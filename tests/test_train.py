@@ -15,7 +15,8 @@ from medimg.config import parse_params
 from medimg.errors import ConfigError
 from medimg.io import read_json
 from medimg.models.loading import load_model
-from medimg.train import check_architectures, class_weights, fit, resolve_plan
+from medimg.models.recipe import check_architectures, class_weights, resolve_plan
+from medimg.train import fit
 from tests.conftest import REPO, tiny_params, write_split_dir
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from medimg import tracking
 from medimg.analysis import metrics as M
+from medimg.analysis import stats as S
 from medimg.analysis.edge import edge_check, images_per_second, representative
 from medimg.config import EvaluateConfig, Params
 from medimg.data.shards import split_arrays
@@ -40,7 +41,7 @@ def _ci_fn(name: str, threshold: float, binary: bool):
         "accuracy": lambda y, p: float(np.mean((p >= threshold) == y)),
         "sensitivity": lambda y, p: _rate(y, (p >= threshold).astype(int), 1),
         "specificity": lambda y, p: _rate(y, (p >= threshold).astype(int), 0),
-        "roc_auc": M.rank_auc,
+        "roc_auc": S.rank_auc,
     }
     return fns[name]
 
@@ -57,7 +58,7 @@ def confidence_intervals(
     binary = probs.ndim == 1
     names = CI_METRICS if binary else ("accuracy",)
     return {
-        name: M.bootstrap_ci(
+        name: S.bootstrap_ci(
             y, probs, groups, _ci_fn(name, threshold, binary), cfg.bootstrap, cfg.ci, seed
         )
         for name in names

@@ -82,7 +82,7 @@ def compare_markdown(reports: dict[str, dict[str, Any]], order: list[str], metri
 
 def paired_test(candidate_csv: Path, champion_csv: Path | None) -> dict[str, Any] | None:
     """McNemar on the images both models predicted (joined by path), or None."""
-    from medimg.analysis.metrics import mcnemar
+    from medimg.analysis.stats import mcnemar
 
     if champion_csv is None or not champion_csv.exists():
         return None

@@ -1,15 +1,15 @@
 """The `train` stage: one architecture, from shards to a tracked `.keras` model.
 
-Each architecture brings its seed's recipe (input size, optimiser, schedule); `train:` in
-params overrides it for all, `train.overrides.<arch>` for one. The resolved plan is a pure
-value (`resolve_plan`), so what ran is exactly what MLflow records.
+The plan (recipe merged with params) is `medimg.models.recipe.resolve_plan`; this module runs
+it: tf.data pipelines, precision and distribution strategy, callbacks (resume after a kill,
+best checkpoint, per-epoch MLflow metrics), then the model, reports and the served model.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,104 +21,14 @@ from medimg.config import Params
 from medimg.errors import ConfigError, DataError
 from medimg.io import atomic_path, read_json, write_json, write_text
 from medimg.models.augment import build_augmenter, with_augmentation
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    arch: str
-    image_size: int
-    epochs: int
-    batch_size: int
-    optimizer: str
-    learning_rate: float
-    schedule: str
-    weights: str
-    augmentation: bool = True
-    model_params: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_plan(params: Params, arch: str) -> TrainPlan:
-    """Model recipe ← `train:` ← `train.overrides.<arch>`; unknown names fail here."""
-    from medimg.models import get_spec
-
-    spec = get_spec(arch)
-    t = params.train
-    o = t.overrides.get(arch)
-
-    def pick(name: str, recipe: Any) -> Any:
-        for value in (getattr(o, name, None), getattr(t, name, None)):
-            if value is not None:
-                return value
-        return recipe
-
-    return TrainPlan(
-        arch=arch,
-        image_size=pick("image_size", spec.default_size),
-        epochs=pick("epochs", None),
-        batch_size=pick("batch_size", None),
-        optimizer=pick("optimizer", spec.optimizer),
-        learning_rate=pick("learning_rate", spec.learning_rate),
-        schedule=pick("schedule", spec.schedule),
-        weights=pick("weights", "none"),
-        augmentation=pick("augmentation", spec.augmentation),  # `train:` has no such key
-        model_params=dict(o.model) if o else {},
-    )
-
-
-def check_architectures(params: Params) -> None:
-    from medimg.models import list_models
-
-    known = set(list_models())
-    for i, arch in enumerate(params.train.architectures):
-        if arch not in known:
-            raise ConfigError(
-                f"params.yaml: train.architectures.{i}: unknown architecture {arch!r}; "
-                f"available: {', '.join(sorted(known))}"
-            )
-    for arch in params.train.overrides:
-        if arch not in known:
-            raise ConfigError(f"params.yaml: train.overrides.{arch}: unknown architecture")
-
-
-def _model_kwargs(plan: TrainPlan) -> dict[str, Any]:
-    """Builder params; `weights` only for ImageNet families (from-scratch models have none)."""
-    from medimg.models import get_spec
-
-    extra = {"weights": plan.weights} if get_spec(plan.arch).pretrained else {}
-    return {**extra, **plan.model_params}
-
-
-def make_optimizer(plan: TrainPlan, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """SGD+momentum 0.9 (seed 000), Adam, RMSprop; 'poly' = linear decay to 0 (power 1)."""
-    lr: Any = plan.learning_rate
-    if plan.schedule == "poly":
-        lr = keras.optimizers.schedules.PolynomialDecay(
-            plan.learning_rate, decay_steps=max(1, plan.epochs * steps_per_epoch), power=1.0
-        )
-    if plan.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9)
-    if plan.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(lr)
-    return keras.optimizers.Adam(lr)
-
-
-def compile_model(
-    model: keras.Model, plan: TrainPlan, num_classes: int, steps: int, xla: bool
-) -> None:
-    binary = num_classes == 2
-    metrics = (
-        [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
-        if binary
-        else [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    )
-    loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
-    model.compile(make_optimizer(plan, steps), loss=loss, metrics=metrics, jit_compile=xla)
-
-
-def class_weights(counts: dict[str, int], classes: list[str]) -> dict[int, float]:
-    """Balanced weights n / (k * n_c), as sklearn's 'balanced', from the train counts."""
-    total = sum(counts[c] for c in classes)
-    return {i: total / (len(classes) * max(1, counts[c])) for i, c in enumerate(classes)}
+from medimg.models.recipe import (
+    TrainPlan,
+    check_architectures,
+    class_weights,
+    compile_model,
+    model_kwargs,
+    resolve_plan,
+)
 
 
 class Throughput(keras.callbacks.Callback):
@@ -265,7 +175,7 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
 
     with strategy.scope():
         shape = (plan.image_size, plan.image_size, 3)
-        model = build_model(arch, shape, num_classes, **_model_kwargs(plan))
+        model = build_model(arch, shape, num_classes, **model_kwargs(plan))
         trainer = (
             with_augmentation(model, build_augmenter(params.train.augment, params.seed))
             if plan.augmentation

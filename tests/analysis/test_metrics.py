@@ -13,14 +13,12 @@ from sklearn import metrics as skm
 
 from medimg.analysis.metrics import (
     binary_metrics,
-    bootstrap_ci,
     expected_calibration_error,
-    mcnemar,
     multiclass_metrics,
-    rank_auc,
     reliability_curve,
     threshold_for_sensitivity,
 )
+from medimg.analysis.stats import bootstrap_ci, mcnemar, rank_auc
 
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.9, 0.2, 0.55, 0.65, 0.05])
