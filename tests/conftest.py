@@ -177,3 +177,17 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Longest first: the end-to-end repro (~3 min) starts at once on one xdist worker while
     the other takes the unit tests; collected in path order, it would start half-way."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+def bomb_png(width: int = 12_000, height: int = 12_000) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb's calling card),
+    made from a 1x1 image by rewriting IHDR and its CRC: bytes, not a 144-Mpixel allocation."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(1, mode="L"))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)

@@ -12,8 +12,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-# Files a stage uses without importing them: the train stage logs the serving model's code.
-EXTRA_ROOTS = {"train": ["src/medimg/serving_model.py"]}
+# Files a stage uses without importing them: evaluate logs the serving model's code.
+EXTRA_ROOTS = {"evaluate": ["src/medimg/serving_model.py"]}
 
 
 def _module_file(name: str) -> Path | None:

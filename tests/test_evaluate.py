@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 from medimg.config import EvaluateConfig
+from medimg.data.shards import load_arrays
 from medimg.evaluate import gradcam_picks, predictions_frame, score
 from medimg.io import read_json
+from medimg.models.loading import load_model
+from medimg.scoring import probabilities
 
 
 def _binary_case(n: int = 400, seed: int = 0):
@@ -107,6 +110,8 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
             for s in ("", "_ci_low", "_ci_high")
         ),
         "ece",
+        "ece_before",
+        "temperature",
         "keras_bytes",
         "int8_accuracy",
     }
@@ -132,7 +137,7 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
         metrics["params"]
     )
     # the test metrics are linked to the logged model and to the split dataset
-    model = client.get_logged_model(trained["model_id"])
+    model = client.get_logged_model(read_json(out / "run.json")["model_id"])
     linked = {m.key: m for m in model.metrics or []}
     assert linked["test_accuracy"].value == pytest.approx(metrics["accuracy"])
     assert (
@@ -146,4 +151,44 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
         if tag.key == "mlflow.data.context"
     }
     assert contexts == {"train"}  # the split, logged once as the run's input
+
+    # the served model: logged by evaluate with its temperature and operating threshold, and
+    # it scores exactly as the evaluate stage did (one scoring path)
+    import mlflow
+
+    run_json = read_json(out / "run.json")
+    assert run_json["model_id"] == model.model_id
+    details = read_json(out / "details.json")
+    t = details["calibration"]["temperature"]
+    assert metrics["temperature"] == t and 0.05 <= t <= 20
+    assert metrics["ece_before"] == details["calibration"]["ece_before"]
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    served = mlflow.pyfunc.load_model(run_json["model_uri"])
+    x, _, _, _ = load_arrays(params.paths.split, "test", 32)
+    keras_model = load_model(params.paths.model_file("tiny"))
+    expected = probabilities(keras_model, x[:5], temperature=t)
+    rows = served.predict(x[:5])
+    np.testing.assert_allclose(rows["p_Parasitized"], expected, rtol=1e-5)
+    assert rows["threshold"].iloc[0] == pytest.approx(details["operating_point"]["threshold"])
     assert "eval" in {a.path for a in client.list_artifacts(trained["run_id"])}
+
+
+def test_bootstrap_lower_threshold_keeps_the_target_for_new_patients():
+    from medimg.analysis.metrics import threshold_for_sensitivity
+    from medimg.evaluate import operating_threshold
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"P{i}" for i in range(30)], 20)
+    y = rng.integers(0, 2, len(groups))
+    p = np.clip(0.5 * y + rng.normal(0.25, 0.2, len(y)), 0, 1)
+    point_cfg = EvaluateConfig(threshold_rule="point", target_sensitivity=0.95)
+    boot_cfg = EvaluateConfig(threshold_rule="bootstrap_lower", target_sensitivity=0.95)
+    point, rule = operating_threshold(y, p, list(groups), point_cfg, seed=0)
+    assert point == threshold_for_sensitivity(y, p, 0.95) and rule["rule"] == "point"
+    lower, rule = operating_threshold(y, p, list(groups), boot_cfg, seed=0)
+    assert lower < point and rule["point_threshold"] == point
+    # on fresh patients from the same population the lower threshold keeps sensitivity more
+    y2 = rng.integers(0, 2, 4000)
+    p2 = np.clip(0.5 * y2 + rng.normal(0.25, 0.2, len(y2)), 0, 1)
+    sens = lambda t: float(np.mean(p2[y2 == 1] >= t))  # noqa: E731
+    assert sens(lower) > sens(point)  # the point estimate over-promises on new patients

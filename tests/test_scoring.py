@@ -24,3 +24,43 @@ def test_predicted_labels_threshold_and_argmax():
     np.testing.assert_array_equal(predicted_labels(np.array([0.2, 0.5, 0.7]), 0.6), [0, 0, 1])
     np.testing.assert_array_equal(predicted_labels(np.array([[0.9], [0.1]])), [1, 0])
     np.testing.assert_array_equal(predicted_labels(np.array([[0.1, 0.7, 0.2]])), [1])
+
+
+def _asymmetric_model():
+    """A fixed model whose output depends on where the bright pixels are (not flip-invariant)."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Flatten()(inputs)
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inputs, dense(x))
+    w = np.linspace(-1, 1, 8 * 8 * 3, dtype="float32").reshape(-1, 1) / 200
+    dense.set_weights([w, np.zeros(1, "float32")])
+    return model
+
+
+def test_tta_is_the_mean_over_the_eight_dihedral_views():
+    from medimg.scoring import dihedral_views, probabilities
+
+    x = np.random.default_rng(0).uniform(0, 255, (5, 8, 8, 3)).astype("float32")
+    views = dihedral_views(x)
+    assert len(views) == 8
+    assert len({v.tobytes() for v in views}) == 8  # all distinct for a random image
+    model = _asymmetric_model()
+    plain = probabilities(model, x)
+    manual = np.mean([probabilities(model, v) for v in views], axis=0)
+    np.testing.assert_allclose(probabilities(model, x, tta=True), manual, rtol=1e-6)
+    assert not np.allclose(manual, plain)
+
+
+def test_temperature_is_applied_after_the_model():
+    from medimg.analysis.calibration import apply_temperature
+    from medimg.scoring import probabilities
+
+    x = np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)).astype("float32")
+    model = _asymmetric_model()
+    np.testing.assert_allclose(
+        probabilities(model, x, temperature=2.0),
+        apply_temperature(probabilities(model, x), 2.0),
+        rtol=1e-9,
+    )

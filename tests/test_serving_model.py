@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from tests.commands.test_predict import CLASSES, NAME, train_and_register
-from tests.conftest import png_bytes, shared_file
+from tests.conftest import bomb_png, png_bytes, shared_file
 
 CHAMPION = f"models:/{NAME}@champion"
 
@@ -292,5 +292,8 @@ def test_server_answers_base64_and_arrays_and_survives_bad_requests(server):
     wrong_key = post(server, {"images": []})
     assert 400 <= wrong_key.status_code < 500 and wrong_key.json()["message"]
 
-    again = post(server, split)
+    bomb = post(server, {"dataframe_split": {"columns": ["image"], "data": [[b64(bomb_png())]]}})
+    assert bomb.status_code == 400 and "max_image_pixels" in bomb.json()["message"]
+
+    again = post(server, split)  # the server keeps serving after every refusal
     assert again.status_code == 200 and again.json() == good.json()

@@ -141,6 +141,15 @@ class SplitConfig(Frozen):
     predefined_folders: dict[str, str] = {"train": "train", "val": "val", "test": "test"}
 
 
+class ColorJitterConfig(Frozen):
+    """Stain/illumination jitter (`medimg.models.augment.RandomColor`); 0 = off."""
+
+    brightness: Fraction = 0.0
+    contrast: Fraction = 0.0
+    saturation: Fraction = 0.0
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0  # x 180 degrees
+
+
 class AugmentConfig(Frozen):
     """The seeds' ImageDataGenerator settings, as Keras preprocessing layers."""
 
@@ -150,6 +159,7 @@ class AugmentConfig(Frozen):
     shear: Fraction = 0.05
     horizontal_flip: bool = True
     vertical_flip: bool = True
+    color: ColorJitterConfig = ColorJitterConfig()
 
 
 class TrainOverride(Frozen):
@@ -160,7 +170,7 @@ class TrainOverride(Frozen):
     image_size: PosInt | None = None
     optimizer: Literal["adam", "sgd", "rmsprop"] | None = None
     learning_rate: Annotated[float, Field(gt=0)] | None = None
-    schedule: Literal["constant", "poly", "plateau"] | None = None
+    schedule: Literal["constant", "poly", "plateau", "cosine"] | None = None
     weights: str | None = None
     augmentation: bool | None = None  # train with `train.augment`; null: the model's recipe
     model: dict[str, Any] = {}
@@ -173,7 +183,7 @@ class TrainConfig(Frozen):
     image_size: PosInt | None = None
     optimizer: Literal["adam", "sgd", "rmsprop"] | None = None
     learning_rate: Annotated[float, Field(gt=0)] | None = None
-    schedule: Literal["constant", "poly", "plateau"] | None = None
+    schedule: Literal["constant", "poly", "plateau", "cosine"] | None = None
     weights: str = "none"
     monitor: Literal["val_accuracy", "val_loss", "val_auc"] = "val_accuracy"
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
@@ -183,11 +193,17 @@ class TrainConfig(Frozen):
     cache: bool = True
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: bool = False
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     overrides: dict[str, TrainOverride] = {}
 
 
 class EvaluateConfig(Frozen):
     target_sensitivity: Annotated[float, Field(gt=0, le=1)] = 0.95
+    # point: the highest val threshold reaching the target; bootstrap_lower: its lower
+    # percentile over a patient bootstrap of val, so the target holds on new patients
+    threshold_rule: Literal["point", "bootstrap_lower"] = "bootstrap_lower"
+    tta: bool = False  # mean over the 8 flips/90° rotations, here, in predict and serving
+    temperature_scaling: bool = True  # one temperature fitted on val, applied everywhere
     bootstrap: Annotated[int, Field(ge=0)] = 1000
     ci: Annotated[float, Field(gt=0, lt=1)] = 0.95
     calibration_bins: Annotated[int, Field(ge=2, le=100)] = 10

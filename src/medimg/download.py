@@ -304,11 +304,18 @@ def _from_local(ds: DatasetConfig, dest: Path) -> list[Member]:
 
 
 def _from_synthetic(params: Params, dest: Path) -> list[Member]:
-    from medimg.data.synthetic import generate  # heavy (numpy, PIL) and only needed here
-
+    """The offline generator of the dataset: NIH-like cells, or OCT2017-like B-scans for an
+    `oct*` dataset (imported here: numpy and PIL work only this source needs)."""
     with tempfile.TemporaryDirectory(prefix=".synthetic.", dir=dest.parent) as scratch:
         built = Path(scratch) / dest.name
-        generate(built, params.dataset.synthetic, params.seed)
+        if params.dataset.name.startswith("oct"):
+            from medimg.data.synthetic_oct import generate as generate_oct
+
+            generate_oct(built, params.dataset.synthetic_oct, params.seed)
+        else:
+            from medimg.data.synthetic import generate
+
+            generate(built, params.dataset.synthetic, params.seed)
         return _install(built, dest, params.dataset.limits, "zip")
 
 

@@ -18,12 +18,14 @@ import pandas as pd
 from medimg import tracking
 from medimg.analysis import metrics as M
 from medimg.analysis import stats as S
+from medimg.analysis.calibration import apply_temperature, fit_temperature
 from medimg.analysis.edge import edge_check, images_per_second, representative
 from medimg.config import EvaluateConfig, Params
 from medimg.data.shards import split_arrays
 from medimg.io import atomic_dir, read_json, write_json, write_text
 from medimg.models.loading import load_model
 from medimg.scoring import predicted_labels, probabilities
+from medimg.serving import ServingConfig, log_serving_model
 
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
@@ -65,6 +67,33 @@ def confidence_intervals(
     }
 
 
+def operating_threshold(
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    groups: list[str] | None,
+    cfg: EvaluateConfig,
+    seed: int,
+) -> tuple[float, dict[str, Any]]:
+    """The threshold for `evaluate.target_sensitivity`, and how it was chosen.
+
+    `point`: the highest threshold reaching the target on val. `bootstrap_lower` (default):
+    the lower (1 - ci) / 2 percentile of that threshold over a patient bootstrap of val, so
+    the target still holds for a new set of patients, not just for these 20-odd.
+    """
+    target = cfg.target_sensitivity
+    point = M.threshold_for_sensitivity(y_val, p_val, target)
+    rule = {"rule": cfg.threshold_rule, "point_threshold": point}
+    if cfg.threshold_rule == "point" or cfg.bootstrap == 0:
+        return point, rule
+
+    def per_resample(y: np.ndarray, p: np.ndarray) -> float | None:
+        return M.threshold_for_sensitivity(y, p, target) if y.any() else None
+
+    boot = S.bootstrap_ci(y_val, p_val, groups, per_resample, cfg.bootstrap, cfg.ci, seed)
+    low = boot["low"] if boot["low"] is not None else point
+    return float(min(low, point)), rule | {"bootstrap_resamples": boot["n_resamples"]}
+
+
 def score(
     y_test: np.ndarray,
     p_test: np.ndarray,
@@ -74,18 +103,20 @@ def score(
     classes: list[str],
     cfg: EvaluateConfig,
     seed: int,
+    val_groups: list[str] | None = None,
 ) -> dict[str, Any]:
     """Pure: every test metric, the operating threshold and its CIs."""
     if p_test.ndim == 2:
         result = M.multiclass_metrics(y_test, p_test, classes, n_bins=cfg.calibration_bins)
         result["ci"] = confidence_intervals(y_test, p_test, groups, cfg, seed, 0.5)
         return result
-    threshold = M.threshold_for_sensitivity(y_val, p_val, cfg.target_sensitivity)
+    threshold, rule = operating_threshold(y_val, p_val, val_groups, cfg, seed)
     result = M.binary_metrics(y_test, p_test, threshold=0.5, n_bins=cfg.calibration_bins)
     result["positive_class"] = classes[1]
     result["operating_point"] = {
         "target_sensitivity": cfg.target_sensitivity,
         "chosen_on": "val",
+        **rule,
         **M.binary_metrics(y_test, p_test, threshold=threshold),
     }
     result["ci"] = confidence_intervals(y_test, p_test, groups, cfg, seed, 0.5)
@@ -237,6 +268,8 @@ def headline(result: dict[str, Any], train: dict[str, Any], edge: dict[str, Any]
     flat = {k: result[k] for k in keys if k in result}
     flat |= {f"{k}_ci": [v["low"], v["high"]] for k, v in result["ci"].items()}
     flat |= {"params": train.get("params"), "keras_bytes": train.get("keras_bytes"), **edge}
+    calibration = result.get("calibration", {})
+    flat |= {k: calibration[k] for k in ("temperature", "ece_before") if k in calibration}
     return flat
 
 
@@ -250,11 +283,28 @@ def dvc_metrics(flat: dict[str, Any]) -> dict[str, Any]:
     for name in COMPARED:
         low, high = flat.get(f"{name}_ci") or (None, None)
         out |= {name: flat.get(name), f"{name}_ci_low": low, f"{name}_ci_high": high}
-    return out | {k: flat.get(k) for k in ("ece", "keras_bytes", "int8_accuracy")}
+    keep = ("ece", "ece_before", "temperature", "keras_bytes", "int8_accuracy")
+    return out | {k: flat.get(k) for k in keep}
+
+
+def calibrated(
+    model: Any, x_val: np.ndarray, y_val: np.ndarray, x: np.ndarray, cfg: EvaluateConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(val, test probabilities as served, raw test probabilities, temperature).
+
+    TTA (`evaluate.tta`) as the served model will run it; the temperature is fitted on val
+    (`evaluate.temperature_scaling`) and applied to both, so thresholds are chosen on the same
+    probabilities the clinician sees.
+    """
+    p_val_raw = probabilities(model, x_val, tta=cfg.tta)
+    p_raw = probabilities(model, x, tta=cfg.tta)
+    t = fit_temperature(y_val, p_val_raw) if cfg.temperature_scaling else 1.0
+    return apply_temperature(p_val_raw, t), apply_temperature(p_raw, t), p_raw, t
 
 
 def run(params: Params, arch: str) -> dict[str, Any]:
-    """Evaluate `arch` on test, write reports/eval/<arch>.json + plots, log to its MLflow run."""
+    """Evaluate `arch` on test, write reports/eval/<arch>.json + plots, log to its MLflow run
+    with the served model (its TTA, temperature and operating threshold)."""
     paths, cfg = params.paths, params.evaluate
     info = read_json(paths.classes_json)
     classes = info["classes"]
@@ -263,15 +313,32 @@ def run(params: Params, arch: str) -> dict[str, Any]:
     size = int(run_info["image_size"])
     model = load_model(paths.model_file(arch))
 
-    x_val, y_val, _, _ = split_arrays(paths.split, "val", size)
+    x_val, y_val, val_patients, _ = split_arrays(paths.split, "val", size)
     x, y, patients, img_paths = split_arrays(paths.split, "test", size)
-    p_val, probs = probabilities(model, x_val), probabilities(model, x)
-    result = score(y, probs, y_val, p_val, patients, classes, cfg, params.seed)
-    edge, int8 = edge_figures(model, params, size, x, y, probs)
+    p_val, probs, p_raw, temperature = calibrated(model, x_val, y_val, x, cfg)
+    result = score(y, probs, y_val, p_val, patients, classes, cfg, params.seed, val_patients)
+    result["calibration"] = {
+        "temperature": temperature,
+        "ece_before": M.expected_calibration_error(y, p_raw, cfg.calibration_bins),
+        "ece_after": result["ece"],
+        "tta": cfg.tta,
+    }
+    plain = probabilities(model, x) if cfg.tta else p_raw  # what the TFLite file must match
+    edge, int8 = edge_figures(model, params, size, x, y, plain)
     figures = gradcam_figures(model, x, y, probs, classes, cfg.gradcam_examples)
 
     flat = headline(result, train_metrics, edge)
     out = paths.eval_reports(arch)
+    point = result.get("operating_point", {})
+    serving = ServingConfig(
+        classes=list(classes),
+        image_size=size,
+        threshold=float(point.get("threshold", 0.5)),
+        tta=cfg.tta,
+        temperature=temperature,
+        max_image_pixels=params.dataset.limits.max_image_pixels,
+    )
+    run_info = _log_model(params, run_info, paths.model_file(arch), serving, x_val[:2])
     with atomic_dir(out) as tmp:
         write_plots(tmp, result, y, probs, classes, cfg, figures, paths.train_reports(arch))
         if int8 is not None:
@@ -287,9 +354,20 @@ def run(params: Params, arch: str) -> dict[str, Any]:
     _log(params, run_info, flat, files, info["fingerprint"])
     print(
         f"evaluate {arch}: accuracy {flat['accuracy']:.4f} "
-        f"CI {flat['accuracy_ci']} on {len(y)} test images"
+        f"CI {flat['accuracy_ci']} on {len(y)} test images (T={temperature:.3f}, "
+        f"ECE {result['calibration']['ece_before']:.4f} → {flat['ece']:.4f})"
     )
     return flat
+
+
+def _log_model(
+    params: Params, run_info: dict, keras_file: Path, serving: ServingConfig, example: np.ndarray
+) -> dict[str, Any]:
+    """The served model into the training run; `run_info` with its URI and id added."""
+    tracking.configure(params.mlflow, params.dataset.name)
+    with tracking.run(run_id=run_info["run_id"]):
+        uri, model_id = log_serving_model(keras_file, serving, example)
+    return {**run_info, "model_uri": uri, "model_id": model_id}
 
 
 SIZES = ("params", "keras_bytes", "int8_bytes")  # counts: tags (a re-evaluation may change them)

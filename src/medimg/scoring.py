@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medimg.analysis.calibration import apply_temperature
 from medimg.analysis.metrics import predicted_labels
-from medimg.data.images import images_from_input
+from medimg.data.images import MAX_PIXELS, images_from_input
 from medimg.errors import MedimgError
 
 DEFAULT_THRESHOLD = 0.5
@@ -32,21 +33,42 @@ def model_size(model: Any) -> int:
     return int(shape[1])
 
 
-def probabilities(model: Any, images: np.ndarray, batch: int = SCORE_BATCH) -> np.ndarray:
+def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and 90° rotations of (N, H, W, C) square images: a cell has no up or left."""
+    x = np.asarray(images)
+    views = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    return views + [np.rot90(x[:, :, ::-1], k, axes=(1, 2)) for k in range(4)]
+
+
+def _model_outputs(model: Any, images: np.ndarray, batch: int) -> np.ndarray:
+    parts = [
+        np.asarray(model.predict_on_batch(np.ascontiguousarray(images[i : i + batch], np.float32)))
+        for i in range(0, len(images), batch)
+    ]
+    out = np.concatenate(parts).astype(np.float64)
+    return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
+
+
+def probabilities(
+    model: Any,
+    images: np.ndarray,
+    batch: int = SCORE_BATCH,
+    tta: bool = False,
+    temperature: float = 1.0,
+) -> np.ndarray:
     """(N,) positive-class probabilities (sigmoid) or (N, K) (softmax), as float64.
 
+    `tta`: the mean over the 8 dihedral views (8x the cost); `temperature`: the calibration
+    fitted on validation (`medimg.analysis.calibration`), applied after the mean.
     `predict_on_batch` on slices of `batch` images: `predict` builds a tf.data pipeline per
     call, which costs more than a batch of small cells, and slicing bounds memory on a whole
     split.
     """
     if len(images) == 0:
         return np.zeros((0,), np.float64)
-    parts = [
-        np.asarray(model.predict_on_batch(np.asarray(images[i : i + batch], np.float32)))
-        for i in range(0, len(images), batch)
-    ]
-    out = np.concatenate(parts).astype(np.float64)
-    return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
+    views = dihedral_views(images) if tta else [images]
+    out = np.mean([_model_outputs(model, v, batch) for v in views], axis=0)
+    return apply_temperature(out, temperature)
 
 
 def check_classes(model: Any, classes: Sequence[str]) -> list[str]:
@@ -90,11 +112,19 @@ def result_frame(probs: np.ndarray, classes: Sequence[str], threshold: float) ->
 
 
 def score_request(
-    model: Any, model_input: Any, classes: Sequence[str], size: int, threshold: float
+    model: Any,
+    model_input: Any,
+    classes: Sequence[str],
+    size: int,
+    threshold: float,
+    max_pixels: int = MAX_PIXELS,
+    tta: bool = False,
+    temperature: float = 1.0,
 ) -> pd.DataFrame:
-    """The served model's whole `predict`: decode → model → result rows."""
-    x = images_from_input(model_input, size)
-    return result_frame(probabilities(model, x), classes, threshold)
+    """The served model's whole `predict`: decode (pixel-bounded) → model → result rows."""
+    x = images_from_input(model_input, size, max_pixels)
+    probs = probabilities(model, x, tta=tta, temperature=temperature)
+    return result_frame(probs, classes, threshold)
 
 
 # ---------------------------------------------------------------------------- model loading
@@ -109,6 +139,12 @@ class Classifier:
     size: int
     threshold: float
     info: dict[str, Any] = field(default_factory=dict)
+    tta: bool = False
+    temperature: float = 1.0
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """This model's probabilities, with its TTA and temperature: what every command shows."""
+        return probabilities(self.model, images, tta=self.tta, temperature=self.temperature)
 
     @property
     def label(self) -> str:

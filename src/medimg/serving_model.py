@@ -34,6 +34,9 @@ class MedimgClassifier(PythonModel):
         self.classes = list(config["classes"])
         self.size = int(config["image_size"])
         self.threshold = float(config.get("threshold", 0.5))
+        self.max_pixels = int(config.get("max_image_pixels", 4_000_000))
+        self.tta = bool(config.get("tta", False))
+        self.temperature = float(config.get("temperature", 1.0))
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -43,7 +46,16 @@ class MedimgClassifier(PythonModel):
 
         threshold = float((params or {}).get("threshold", self.threshold))
         try:
-            return score_request(self.model, model_input, self.classes, self.size, threshold)
+            return score_request(
+                self.model,
+                model_input,
+                self.classes,
+                self.size,
+                threshold,
+                self.max_pixels,
+                self.tta,
+                self.temperature,
+            )
         except ImageInputError as err:  # the request, not the model, is wrong: HTTP 400
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 

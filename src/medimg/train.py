@@ -147,11 +147,6 @@ def _datasets(params: Params, plan: TrainPlan, num_classes: int):
     return train, val
 
 
-def _example_batch(val_ds, n: int = 4) -> np.ndarray:
-    x, _ = next(iter(val_ds.take(1)))
-    return np.asarray(x[:n], dtype=np.float32)
-
-
 def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
     """Train `arch`, track it in MLflow and write the model, history and metrics."""
     from medimg.models import build_model
@@ -181,7 +176,8 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
             if plan.augmentation
             else model
         )
-        compile_model(trainer, plan, num_classes, steps, params.train.xla)
+        t = params.train
+        compile_model(trainer, plan, num_classes, steps, t.xla, t.label_smoothing)
 
     resume_id = _read_resume_id(backup)
     tags = {
@@ -259,14 +255,8 @@ def _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id) ->
     tracking.log_artifact(reports / "learning_curves.png", "plots")
     tracking.log_artifact(reports / "history.csv", "history")
     tracking.log_text("\n".join(summary), "model_summary.txt")
-    classes = read_json(paths.classes_json)["classes"]
-    serving_uri, model_id = log_serving_model(
-        model_file, classes, plan.image_size, _example_batch(val_ds)
-    )
-    run_info = {  # model_uri: the pyfunc that register promotes and `mlflow models serve` runs
+    run_info = {  # evaluate logs the served model into this run, with its operating point
         "run_id": run_id,
-        "model_uri": serving_uri,
-        "model_id": model_id,
         "architecture": plan.arch,
         "image_size": plan.image_size,
         "plan": asdict(plan),
@@ -280,25 +270,6 @@ def split_dataset(params: Params) -> Any:
     """The split as the MLflow dataset of this pipeline (digest: the split fingerprint)."""
     fingerprint = read_json(params.paths.classes_json)["fingerprint"]
     return tracking.split_dataset(params.paths.split_manifest, params.dataset.name, fingerprint)
-
-
-def log_serving_model(
-    keras_file: Path, classes: list[str], image_size: int, example: np.ndarray
-) -> tuple[str, str]:
-    """Log `medimg.serving_model` with the medimg package beside it; (model URI, model id)."""
-    import importlib.util
-
-    from medimg.data.images import png_request
-
-    code = Path(importlib.util.find_spec("medimg.serving_model").origin)  # not imported here
-    return tracking.log_code_model(
-        model_code=code,
-        code_paths=[code.parent],
-        artifacts={"keras_model": keras_file},
-        config={"classes": list(classes), "image_size": int(image_size), "threshold": 0.5},
-        signature_params={"threshold": 0.5},
-        input_example=png_request(example),
-    )
 
 
 def _read_history(path: Path) -> dict[str, list[float]]:

@@ -22,6 +22,7 @@ from PIL import Image
 from medimg import cli, tracking
 from medimg.commands.predict import collect_paths, format_rows
 from medimg.scoring import result_frame
+from medimg.serving import ServingConfig, log_serving_model
 from tests.conftest import png_bytes, tiny_params, write_split_dir
 
 NAME = "malaria-classifier"
@@ -29,13 +30,17 @@ CLASSES = ["Uninfected", "Parasitized"]
 
 
 def train_and_register(tmp: Path) -> SimpleNamespace:
-    """`fit` tiny for 1 epoch and register its serving model as champion."""
+    """`fit` tiny for 1 epoch, log its served model (models from code), register it as champion."""
     from medimg.train import fit
 
     params = tiny_params(tmp)
     write_split_dir(params)
-    result = fit(params, "tiny")  # logs the serving model (models from code) in its run
-    uri = result["model_uri"]
+    result = fit(params, "tiny")
+    example = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    with tracking.run(run_id=result["run_id"]):  # as the evaluate stage logs it
+        uri, _ = log_serving_model(
+            params.paths.model_file("tiny"), ServingConfig(CLASSES, 32), example
+        )
     version = tracking.register_version(uri, NAME, {"architecture": "tiny"})
     tracking.set_alias(NAME, "champion", version)
     params_file = tmp / "params.yaml"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import io
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from medimg.data.images import ImageInputError, decode_image, images_from_input, prepare
-from tests.conftest import png_bytes
+from tests.conftest import bomb_png, png_bytes
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16"])
@@ -75,3 +76,19 @@ def test_serving_inputs_base64_frames_arrays_and_lists():
 def test_bad_serving_inputs_raise_one_clear_error(bad, message):
     with pytest.raises(ImageInputError, match=message):
         images_from_input(bad, 32)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    from PIL import Image
+
+    bomb = bomb_png(12_000, 12_000)
+    with Image.open(io.BytesIO(bomb)) as img:
+        assert img.size == (12_000, 12_000)  # a valid header claiming 144 Mpixels
+    with pytest.raises(ImageInputError, match=r"^cell\.png: 12000x12000 is 144,000,000 pixels"):
+        decode_image(bomb, "cell.png")
+    frame = pd.DataFrame({"image": [base64.b64encode(bomb).decode()]})
+    with pytest.raises(ImageInputError, match="max_image_pixels"):
+        images_from_input(frame, 32)
+    with pytest.raises(ImageInputError, match="over the bound of 100"):
+        images_from_input(np.zeros((1, 20, 20, 3)), 32, max_pixels=100)
+    assert decode_image(png_bytes(20), "ok.png", max_pixels=400).shape == (20, 20, 3)

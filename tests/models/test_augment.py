@@ -88,3 +88,44 @@ def test_config_round_trip():
     layer = build_augmenter(AugmentConfig(rotation_deg=10, vertical_flip=False), 5)
     clone = RandomAffine.from_config(layer.get_config())
     assert clone.rotation_deg == 10 and not clone.vertical_flip and clone.seed == 5
+
+
+def test_color_jitter_is_off_at_inference_and_bounded_in_training():
+    import keras
+    import numpy as np
+
+    from medimg.models.augment import RandomColor
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (6, 16, 16, 3)).astype("float32")
+    layer = RandomColor(brightness=0.3, contrast=0.3, saturation=0.5, hue=0.1, seed=1)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
+    out = keras.ops.convert_to_numpy(layer(images, training=True))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 255
+    assert not np.allclose(out, images)
+    per_image = np.abs(out - images).mean(axis=(1, 2, 3))
+    assert len(np.unique(per_image.round(3))) == len(images)  # one draw per image
+
+
+def test_color_matrices_identity_and_grey_stays_grey():
+    import keras
+    import numpy as np
+
+    from medimg.models.augment import RandomColor
+
+    still = RandomColor(seed=0)  # every jitter 0: the identity matrix
+    m = keras.ops.convert_to_numpy(still.matrices(3))
+    np.testing.assert_allclose(m, np.broadcast_to(np.eye(3), (3, 3, 3)), atol=1e-5)
+    grey = np.full((4, 8, 8, 3), 120.0, "float32")
+    hue_only = RandomColor(hue=0.5, saturation=0.5, seed=3)
+    out = keras.ops.convert_to_numpy(hue_only(grey, training=True))
+    np.testing.assert_allclose(out, grey, atol=1e-3)  # no chroma: hue/saturation change nothing
+
+
+def test_build_augmenter_adds_color_only_when_asked():
+    from medimg.config import AugmentConfig, ColorJitterConfig
+    from medimg.models.augment import RandomAffine, build_augmenter
+
+    assert isinstance(build_augmenter(AugmentConfig(), seed=0), RandomAffine)
+    both = build_augmenter(AugmentConfig(color=ColorJitterConfig(hue=0.05)), seed=0)
+    assert [type(layer).__name__ for layer in both.layers] == ["RandomAffine", "RandomColor"]

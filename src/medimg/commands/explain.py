@@ -13,7 +13,7 @@ from medimg.commands.model import MODEL_HELP, load_classifier
 from medimg.config import Params
 from medimg.data.images import ImageInputError, decode_image, resize_batch
 from medimg.errors import DataError
-from medimg.scoring import Classifier, probabilities, result_frame
+from medimg.scoring import Classifier, result_frame
 
 
 def explain_image(clf: Classifier, data: bytes, source: str) -> tuple[np.ndarray, str]:
@@ -26,7 +26,7 @@ def explain_image(clf: Classifier, data: bytes, source: str) -> tuple[np.ndarray
 
     rgb = decode_image(data, source)
     x = resize_batch([rgb], clf.size)
-    row = result_frame(probabilities(clf.model, x), clf.classes, clf.threshold).iloc[0]
+    row = result_frame(clf.probabilities(x), clf.classes, clf.threshold).iloc[0]
     heat = grad_cam(clf.model, x, class_index=clf.classes.index(row["class"]))[0]
     heat = _resize_map(heat, rgb.shape[:2])
     title = f"{row['class']}  p={row['probability']:.3f}"

@@ -6,20 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medimg.analysis.edge import (
-    QUANTIZE_MODES,
-    check_parity,
-    edge_check,
-    representative,
-    write_tflite,
-)
 from medimg.commands.model import MODEL_HELP, load_classifier
 from medimg.config import Params
-from medimg.data.shards import split_arrays
 from medimg.errors import MedimgError
 from medimg.scoring import Classifier, probabilities
 
 MIN_AGREEMENT = 0.99
+QUANTIZE_MODES = ("none", "float16", "int8")  # medimg.analysis.edge's; that module loads TF
 
 
 def export_path(params: Params, clf: Classifier, quantize: str) -> Path:
@@ -38,6 +31,9 @@ def export_path(params: Params, clf: Classifier, quantize: str) -> Path:
 
 def export_edge(params: Params, clf: Classifier, quantize: str) -> tuple[bytes, dict[str, Any]]:
     """The .tflite bytes and their test-split numbers; raises when parity is below 99 %."""
+    from medimg.analysis.edge import check_parity, edge_check, representative
+    from medimg.data.shards import split_arrays
+
     x_test, y_test, _, _ = split_arrays(params.paths.split, "test", clf.size)
     calibration = None
     if quantize == "int8":
@@ -64,6 +60,8 @@ def export_command(
     fmt: str = "tflite",
 ) -> dict[str, Any]:
     """`medimg export`: write the edge file after the parity gate; log it to the model's run."""
+    from medimg.analysis.edge import write_tflite
+
     if fmt != "tflite":
         raise MedimgError(f"export: unknown format {fmt!r}; only 'tflite'", exit_code=2)
     if quantize not in QUANTIZE_MODES:

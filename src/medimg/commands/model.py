@@ -7,7 +7,6 @@ from pathlib import Path
 
 from medimg.config import Params
 from medimg.errors import MedimgError
-from medimg.models.loading import load_model
 from medimg.scoring import Classifier, check_classes, model_size, pick_threshold
 
 
@@ -22,13 +21,18 @@ def _check_store(params: Params, spec: str) -> None:
         )
 
 
-def load_classifier(params: Params, spec: str, threshold: float | None = None) -> Classifier:
+def load_classifier(
+    params: Params, spec: str, threshold: float | None = None, tta: bool | None = None
+) -> Classifier:
     """Resolve `--model` (alias, version, run, models:/ URI or .keras file) and load it.
 
     The registry's copy is downloaded to a temporary folder that is gone once the model is in
     memory. Threshold: `threshold`, else the version's `operating_threshold` tag, else the
-    serving model's own, else 0.5.
+    serving model's own, else 0.5. TTA and temperature: the served model's (as evaluated);
+    `tta` overrides TTA. A bare `.keras` file has neither (raw probabilities).
     """
+    from medimg.models.loading import load_model  # Keras and TF: only when a model is loaded
+
     if spec.endswith(".keras"):
         path = Path(spec)
         if not path.is_file():
@@ -45,7 +49,9 @@ def load_classifier(params: Params, spec: str, threshold: float | None = None) -
             model = load_model(path)
     classes = check_classes(model, info.get("classes") or params.validate_cfg.classes)
     chosen = pick_threshold(threshold, info)
-    return Classifier(model, classes, model_size(model), chosen, info)
+    use_tta = bool(info.get("tta", False)) if tta is None else tta
+    temperature = float(info.get("temperature", 1.0))
+    return Classifier(model, classes, model_size(model), chosen, info, use_tta, temperature)
 
 
 MODEL_HELP = (

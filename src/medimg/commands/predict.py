@@ -19,7 +19,7 @@ from medimg.config import Params
 from medimg.data.images import IMAGE_SUFFIXES, ImageInputError, decode_image, resize_batch
 from medimg.errors import MedimgError
 from medimg.io import progress as progress_bar
-from medimg.scoring import model_size, probabilities, result_frame
+from medimg.scoring import Classifier, result_frame
 
 # A progress bar helps on a folder of thousands of cells; for a handful it is noise, and in a
 # non-interactive log only a long job is worth the extra lines.
@@ -97,10 +97,8 @@ def _read(path: Path) -> np.ndarray:
 
 
 def predict_files(
-    model: Any,
+    clf: Classifier,
     files: Sequence[Path],
-    classes: Sequence[str],
-    threshold: float,
     batch_size: int = 64,
     on_error: Callable[[Path, str], None] | None = None,
     progress: bool = False,
@@ -109,7 +107,6 @@ def predict_files(
 
     Files are decoded and scored `batch_size` at a time, so memory stays flat on any folder.
     """
-    size = model_size(model)
     frames = []
     with progress_bar(total=len(files), unit="img", enabled=progress) as bar:
         for chunk in _batches(files, batch_size):
@@ -122,12 +119,12 @@ def predict_files(
                     if on_error is not None:
                         on_error(path, str(err))
             if ok:
-                probs = probabilities(model, resize_batch(images, size))
-                frame = result_frame(probs, classes, threshold)
+                probs = clf.probabilities(resize_batch(images, clf.size))
+                frame = result_frame(probs, clf.classes, clf.threshold)
                 frame.insert(0, "path", [str(p) for p in ok])
                 frames.append(frame)
             bar.update(len(chunk))
-    return pd.concat(frames, ignore_index=True) if frames else _empty(classes)
+    return pd.concat(frames, ignore_index=True) if frames else _empty(clf.classes)
 
 
 def _empty(classes: Sequence[str]) -> pd.DataFrame:
@@ -195,6 +192,7 @@ def predict_command(
     batch_size: int = 64,
     threshold: float | None = None,
     output: str | Path | None = None,
+    tta: bool | None = None,
 ) -> int:
     """`medimg predict`: 0 when every file was predicted, 1 when any failed, 2 for none."""
     from medimg.io import write_text
@@ -208,7 +206,7 @@ def predict_command(
         _report(spec, reason)
     if not files:
         raise MedimgError(f"predict: no image files found in {', '.join(paths)}", exit_code=2)
-    clf = load_classifier(params, model, threshold)
+    clf = load_classifier(params, model, threshold, tta)
     failed: list[Path] = []
 
     def on_error(path: Path, message: str) -> None:
@@ -216,9 +214,7 @@ def predict_command(
         _report(path, message)
 
     progress = show_progress(len(files), batch_size, sys.stderr.isatty())
-    frame = predict_files(
-        clf.model, files, clf.classes, clf.threshold, batch_size, on_error, progress
-    )
+    frame = predict_files(clf, files, batch_size, on_error, progress)
     text = format_rows(frame, fmt)
     if output is None:
         sys.stdout.write(text)
@@ -245,9 +241,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "operating_threshold tag, else 0.5)",
     )
     p.add_argument("-o", "--output", default=None, help="write the results here, not stdout")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average over flips and 90-degree rotations (default: as the model was evaluated, "
+        "evaluate.tta)",
+    )
 
 
 def run(params: Params, args: argparse.Namespace) -> int:
     return predict_command(
-        params, args.paths, args.model, args.fmt, args.batch_size, args.threshold, args.output
+        params,
+        args.paths,
+        args.model,
+        args.fmt,
+        args.batch_size,
+        args.threshold,
+        args.output,
+        args.tta,
     )

@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medimg.config import ArchiveLimits
+
+MAX_PIXELS = ArchiveLimits().max_image_pixels  # the archive reader's default bound
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
@@ -34,20 +37,36 @@ class ImageInputError(ValueError):
 # --------------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, source: str = "image") -> np.ndarray:
-    """Encoded bytes → (H, W, 3) uint8 RGB, or ImageInputError naming `source`."""
+def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes → (H, W, 3) uint8 RGB, or ImageInputError naming `source`.
+
+    The size is checked from the header before any pixel is decoded, against the bound the
+    archive reader uses (`dataset.limits.max_image_pixels`): a decompression bomb sent to the
+    server is refused (HTTP 400) without allocating it.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img.width, img.height, max_pixels, source)
             img.load()
             return _to_rgb(img)
+    except ImageInputError:
+        raise
     except UnidentifiedImageError:
         raise ImageInputError(f"{source}: not an image file PIL can read") from None
     except Image.DecompressionBombError as err:
         raise ImageInputError(f"{source}: too many pixels ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
         raise ImageInputError(f"{source}: corrupt image ({err})") from None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, source: str) -> None:
+    if width * height > max_pixels:
+        raise ImageInputError(
+            f"{source}: {width}x{height} is {width * height:,} pixels, over the bound of "
+            f"{max_pixels:,} (dataset.limits.max_image_pixels)"
+        )
 
 
 def _to_rgb(img: Any) -> np.ndarray:
@@ -102,7 +121,7 @@ def b64decode(text: str | bytes, source: str) -> bytes:
 # ---------------------------------------------------------------------- serving model input
 
 
-def images_from_input(model_input: Any, size: int) -> np.ndarray:
+def images_from_input(model_input: Any, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """What the serving model accepts, as (N, size, size, 3) float32 model input.
 
     - a DataFrame whose `image` column (or only column) holds base64 PNG/JPEG strings;
@@ -111,13 +130,14 @@ def images_from_input(model_input: Any, size: int) -> np.ndarray:
     - a dict (MLflow's `{"inputs": {"image": ...}}`) with an `image` key or a single key.
     """
     if isinstance(model_input, pd.DataFrame):
-        return _from_frame(model_input, size)
+        return _from_frame(model_input, size, max_pixels)
     if isinstance(model_input, dict):
-        return images_from_input(_only_value(model_input, list(model_input)), size)
+        value = _only_value(model_input, list(model_input))
+        return images_from_input(value, size, max_pixels)
     if isinstance(model_input, list | tuple):
-        return _from_list(list(model_input), size)
+        return _from_list(list(model_input), size, max_pixels)
     if isinstance(model_input, np.ndarray):
-        return _from_array(model_input, size)
+        return _from_array(model_input, size, max_pixels)
     raise ImageInputError(
         f"unsupported input type {type(model_input).__name__}: send a DataFrame with a base64 "
         "'image' column or an (N, H, W, 3) array of pixels"
@@ -134,27 +154,29 @@ def _only_value(mapping: Any, keys: list[str]) -> Any:
     )
 
 
-def _from_frame(frame: pd.DataFrame, size: int) -> np.ndarray:
+def _from_frame(frame: pd.DataFrame, size: int, max_pixels: int) -> np.ndarray:
     column = _only_value(frame, [str(c) for c in frame.columns])
     if len(column) == 0:
         raise ImageInputError("the request holds no images")
-    return _from_list(list(column), size)
+    return _from_list(list(column), size, max_pixels)
 
 
-def _from_list(items: list[Any], size: int) -> np.ndarray:
+def _from_list(items: list[Any], size: int, max_pixels: int) -> np.ndarray:
     if not items:
         raise ImageInputError("the request holds no images")
-    decoded = [_one_item(item, f"image {i}") for i, item in enumerate(items)]
+    decoded = [_one_item(item, f"image {i}", max_pixels) for i, item in enumerate(items)]
     return resize_batch(decoded, size)
 
 
-def _one_item(item: Any, source: str) -> np.ndarray:
+def _one_item(item: Any, source: str, max_pixels: int) -> np.ndarray:
     if isinstance(item, str | bytes | np.str_ | np.bytes_):
         raw = item if isinstance(item, bytes) and _is_encoded_image(item) else None
-        return decode_image(raw if raw is not None else b64decode(item, source), source)
+        data = raw if raw is not None else b64decode(item, source)
+        return decode_image(data, source, max_pixels)
     arr = np.asarray(item)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ImageInputError(f"{source}: expected an (H, W, 3) RGB array, got shape {arr.shape}")
+    _check_pixels(arr.shape[1], arr.shape[0], max_pixels, source)
     return _pixels(arr, source)
 
 
@@ -163,15 +185,17 @@ def _is_encoded_image(data: bytes) -> bool:
     return data.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*", b"MM\0"))
 
 
-def _from_array(arr: np.ndarray, size: int) -> np.ndarray:
+def _from_array(arr: np.ndarray, size: int, max_pixels: int) -> np.ndarray:
     if arr.dtype.kind in "USO":  # strings (base64) or objects (ragged images)
-        return _from_list(list(arr.reshape(-1)) if arr.dtype.kind in "US" else list(arr), size)
+        items = list(arr.reshape(-1)) if arr.dtype.kind in "US" else list(arr)
+        return _from_list(items, size, max_pixels)
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or 0 in arr.shape:
         raise ImageInputError(
             f"expected raw RGB pixels of shape (N, H, W, 3) or (H, W, 3), got {arr.shape}"
         )
+    _check_pixels(arr.shape[2], arr.shape[1], max_pixels, "input")
     return resize_batch(list(_pixels(arr, "input")), size)
 
 

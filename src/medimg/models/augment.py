@@ -103,9 +103,84 @@ class RandomAffine(keras.layers.Layer):
         )
 
 
+# RGB → YIQ: Y is luma, (I, Q) the chroma plane; a hue shift is a rotation of (I, Q).
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+@keras.saving.register_keras_serializable(package="medimg")
+class RandomColor(keras.layers.Layer):
+    """Per-image brightness, contrast, saturation and hue jitter on 0-255 RGB, training only.
+
+    Thin smears differ between patients and slides in stain intensity and hue (Giemsa batches,
+    illumination): the shift the patient split exposes. brightness: a factor from 1±brightness;
+    contrast: about the image mean, from 1±contrast; saturation: the chroma scaled from
+    1±saturation; hue: the chroma plane rotated by ±hue x 180°. One 3x3 colour matrix per image
+    (YIQ), then clipped to [0, 255].
+    """
+
+    def __init__(
+        self,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        hue: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.brightness, self.contrast = float(brightness), float(contrast)
+        self.saturation, self.hue = float(saturation), float(hue)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def get_config(self) -> dict:
+        return super().get_config() | {
+            "brightness": self.brightness,
+            "contrast": self.contrast,
+            "saturation": self.saturation,
+            "hue": self.hue,
+            "seed": self.seed,
+        }
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def _factor(self, n, bound: float):
+        return 1.0 + keras.random.uniform((n,), -bound, bound, seed=self.seed_generator)
+
+    def matrices(self, n):
+        """(n, 3, 3) RGB → RGB colour matrices: YIQ, chroma scale and rotation, back."""
+        yiq = ops.convert_to_tensor(_YIQ, "float32")
+        rgb = ops.inv(yiq)
+        sat = self._factor(n, self.saturation)
+        angle = keras.random.uniform((n,), -self.hue, self.hue, seed=self.seed_generator)
+        c, s = ops.cos(angle * math.pi) * sat, ops.sin(angle * math.pi) * sat
+        one, zero = ops.ones((n,)), ops.zeros((n,))
+        chroma = ops.stack([one, zero, zero, zero, c, -s, zero, s, c], axis=1)
+        chroma = ops.reshape(chroma, (n, 3, 3))
+        return ops.einsum("ij,njk,kl->nil", rgb, chroma, yiq)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        n = ops.shape(images)[0]
+        x = ops.einsum("nhwc,ndc->nhwd", images, self.matrices(n))
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        contrast = ops.reshape(self._factor(n, self.contrast), (-1, 1, 1, 1))
+        bright = ops.reshape(self._factor(n, self.brightness), (-1, 1, 1, 1))
+        return ops.clip(((x - mean) * contrast + mean) * bright, 0.0, 255.0)
+
+
 def build_augmenter(cfg: AugmentConfig, seed: int) -> keras.layers.Layer:
-    """The params' augmentation (seeds 000/001/003 settings by default) as one layer."""
-    return RandomAffine(**cfg.model_dump(), seed=seed, name="augment")
+    """The params' augmentation: the seeds' geometry (one RandomAffine) and, when any of
+    `train.augment.color` is set, colour jitter after it."""
+    geometry = cfg.model_dump(exclude={"color"})
+    affine = RandomAffine(**geometry, seed=seed, name="augment")
+    if not any(cfg.color.model_dump().values()):
+        return affine
+    color = RandomColor(**cfg.color.model_dump(), seed=seed + 1, name="augment_color")
+    return keras.Sequential([affine, color], name="augment_all")
 
 
 def with_augmentation(model: keras.Model, augmenter: keras.layers.Layer) -> keras.Model:

@@ -81,13 +81,26 @@ def model_kwargs(plan: TrainPlan) -> dict[str, Any]:
     return {**extra, **plan.model_params}
 
 
-def make_optimizer(plan: TrainPlan, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """SGD+momentum 0.9 (seed 000), Adam, RMSprop; 'poly' = linear decay to 0 (power 1)."""
-    lr: Any = plan.learning_rate
+def learning_rate(plan: TrainPlan, steps_per_epoch: int) -> Any:
+    """The plan's learning rate: a constant, or a schedule over optimizer steps. 'poly' =
+    linear decay to 0 (power 1); 'cosine' = one epoch of linear warm-up from 0, then cosine
+    decay to 0; 'plateau' is a callback (ReduceLROnPlateau) on a constant."""
+    total = max(1, plan.epochs * steps_per_epoch)
     if plan.schedule == "poly":
-        lr = keras.optimizers.schedules.PolynomialDecay(
-            plan.learning_rate, decay_steps=max(1, plan.epochs * steps_per_epoch), power=1.0
+        return keras.optimizers.schedules.PolynomialDecay(
+            plan.learning_rate, decay_steps=total, power=1.0
         )
+    if plan.schedule == "cosine":
+        warmup = min(steps_per_epoch, total // 2)
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=total - warmup, warmup_target=plan.learning_rate, warmup_steps=warmup
+        )
+    return plan.learning_rate
+
+
+def make_optimizer(plan: TrainPlan, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """SGD+momentum 0.9 (seed 000), Adam, RMSprop, on `learning_rate(plan, ...)`."""
+    lr = learning_rate(plan, steps_per_epoch)
     if plan.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9)
     if plan.optimizer == "rmsprop":
@@ -96,15 +109,28 @@ def make_optimizer(plan: TrainPlan, steps_per_epoch: int) -> keras.optimizers.Op
 
 
 def compile_model(
-    model: keras.Model, plan: TrainPlan, num_classes: int, steps: int, xla: bool
+    model: keras.Model,
+    plan: TrainPlan,
+    num_classes: int,
+    steps: int,
+    xla: bool,
+    label_smoothing: float = 0.0,
 ) -> None:
+    """Loss, metrics and optimizer. `label_smoothing` (binary only: Keras' sparse categorical
+    loss has none) pulls targets to eps/2 and 1 - eps/2, against over-confident outputs."""
     binary = num_classes == 2
+    if label_smoothing and not binary:
+        raise ConfigError("train.label_smoothing: only for two classes (sigmoid output)")
     metrics = (
         [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
         if binary
         else [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     )
-    loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
+    loss = (
+        keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+        if binary
+        else "sparse_categorical_crossentropy"
+    )
     model.compile(make_optimizer(plan, steps), loss=loss, metrics=metrics, jit_compile=xla)
 
 

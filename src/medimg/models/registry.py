@@ -19,7 +19,7 @@ import keras
 from medimg.errors import ConfigError
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
-SCHEDULES = ("constant", "poly", "plateau")
+SCHEDULES = ("constant", "poly", "plateau", "cosine")
 
 Builder = Callable[..., keras.Model]
 

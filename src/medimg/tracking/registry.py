@@ -193,4 +193,5 @@ def _serving_config(local: Path) -> dict[str, Any]:
         return {}
     flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
     config = flavor.get("config") or {}  # where pyfunc keeps `model_config`
-    return {k: config[k] for k in ("classes", "image_size", "threshold") if k in config}
+    keys = ("classes", "image_size", "threshold", "tta", "temperature")
+    return {k: config[k] for k in keys if k in config}

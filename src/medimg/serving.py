@@ -1,0 +1,44 @@
+"""Logging the served model: `medimg.serving_model` as MLflow "models from code", with the
+medimg package beside it and the scoring settings the evaluate stage chose.
+
+Kept apart from `serving_model.py`, which MLflow executes on load (importing it registers a
+model), and from `tracking/`, which knows nothing of medimg.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medimg import tracking
+from medimg.data.images import png_request
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the served model needs besides its weights: the same for every scoring path."""
+
+    classes: list[str]
+    image_size: int
+    threshold: float = 0.5
+    tta: bool = False
+    temperature: float = 1.0
+    max_image_pixels: int = 4_000_000  # the archive reader's bound (dataset.limits)
+
+
+def log_serving_model(
+    keras_file: Path, config: ServingConfig, example: np.ndarray | None
+) -> tuple[str, str]:
+    """Log the pyfunc `classifier` in the active run; returns (model URI, model id)."""
+    code = Path(importlib.util.find_spec("medimg.serving_model").origin)  # not imported
+    return tracking.log_code_model(
+        model_code=code,
+        code_paths=[code.parent],
+        artifacts={"keras_model": keras_file},
+        config=asdict(config),
+        signature_params={"threshold": config.threshold},
+        input_example=png_request(example) if example is not None else None,
+    )
