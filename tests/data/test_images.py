@@ -92,3 +92,17 @@ def test_a_decompression_bomb_is_refused_from_its_header():
     with pytest.raises(ImageInputError, match="over the bound of 100"):
         images_from_input(np.zeros((1, 20, 20, 3)), 32, max_pixels=100)
     assert decode_image(png_bytes(20), "ok.png", max_pixels=400).shape == (20, 20, 3)
+
+
+def test_a_batch_of_many_shapes_resizes_exactly_as_one_by_one():
+    from medimg.data.images import RAGGED_FROM, resize_batch
+
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 52), (82, 90), (33, 33)]
+    ]
+    images += [images[0], rng.integers(0, 256, (120, 101, 3), dtype=np.uint8)]
+    assert len({im.shape for im in images}) >= RAGGED_FROM  # takes the ragged graph path
+    together = resize_batch(images, 32)
+    one_by_one = np.concatenate([resize_batch([im], 32) for im in images])
+    np.testing.assert_array_equal(together, one_by_one)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -79,22 +80,60 @@ def _to_rgb(img: Any) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """(N, size, size, 3) float32 0-255, resized exactly as `medimg.data.decode` does.
+# Distinct image shapes above which one graph call over a ragged batch beats one eager
+# resize per shape (each ~2-3 ms of dispatch): measured on 32 full-resolution cells, 82 → 32 ms.
+RAGGED_FROM = 4
 
-    Same-shaped images are resized in one TF call (eager calls cost ~1 ms each).
+
+def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """(N, size, size, 3) float32 0-255, resized exactly as `medimg.data.shards.decode` does.
+
+    Same-shaped images are resized in one TF call; a request of many shapes (cells are
+    82-229 px) goes through one compiled call over a ragged batch, the same op per image.
     """
     import tensorflow as tf
 
-    out = np.empty((len(images), size, size, 3), np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(np.shape(img), []).append(i)
+    if len(groups) >= RAGGED_FROM:
+        return _ragged_resize(images, size)
+    out = np.empty((len(images), size, size, 3), np.float32)
     for idx in groups.values():
         batch = np.stack([np.asarray(images[i], dtype=np.float32) for i in idx])
         resized = tf.image.resize(batch, (size, size), method="bilinear", antialias=True)
         out[idx] = np.clip(resized.numpy(), 0.0, 255.0)
     return out
+
+
+def _ragged_resize(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    import tensorflow as tf
+
+    pixels = [np.asarray(img, dtype=np.float32) for img in images]
+    heights = np.array([p.shape[0] for p in pixels], np.int64)
+    widths = np.concatenate([np.full(p.shape[0], p.shape[1], np.int64) for p in pixels])
+    flat = np.concatenate([p.reshape(-1, 3) for p in pixels])
+    batch = tf.RaggedTensor.from_nested_row_lengths(flat, [heights, widths])
+    return _resize_graph(size)(batch).numpy()
+
+
+@functools.cache
+def _resize_graph(size: int) -> Any:
+    """One traced function per output size: map the antialiased resize over a ragged batch."""
+    import tensorflow as tf
+
+    spec = tf.RaggedTensorSpec(shape=[None, None, None, 3], dtype=tf.float32, ragged_rank=2)
+
+    def one(image: Any) -> Any:
+        resized = tf.image.resize(image.to_tensor(), (size, size), "bilinear", antialias=True)
+        return tf.clip_by_value(resized, 0.0, 255.0)
+
+    @tf.function(input_signature=[spec])
+    def resize(batch: Any) -> Any:
+        out = tf.TensorSpec((size, size, 3), tf.float32)
+        return tf.map_fn(one, batch, fn_output_signature=out)
+
+    return resize
 
 
 def prepare(data: bytes, size: int, source: str = "image") -> np.ndarray:
