@@ -57,7 +57,12 @@ def start_server(model_uri: str, tracking_uri: str, port: int, log: Path) -> sub
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # uvicorn
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
     with log.open("wb") as out:
         return subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -166,12 +171,13 @@ def main() -> None:
         bad = malformed(url)
         alive = load(url, singles[:1], 1, 1.0)["errors"] == 0
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     print(f"\nmlflow models serve, {args.clients} clients x {args.seconds:.0f} s, {kind} cells, "
           f"{os.cpu_count()} CPUs, 127.0.0.1")  # fmt: skip
     print("| request | requests | p50 ms | p99 ms | images/s | errors |")
