@@ -3,7 +3,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from medimg import tracking
@@ -12,44 +11,14 @@ from medimg.config import GateConfig
 from medimg.io import read_json, write_json
 from medimg.promotion import compare_markdown, decide, rank
 from medimg.register import run
-from tests.conftest import tiny_params
+from tests.conftest import log_candidate, tiny_params
 
 NAME = "malaria-classifier"
 N = 200
 
 
 def _log_candidate(params, arch: str, correct: np.ndarray) -> None:
-    """One MLflow run with a model and the eval artifacts, as train + evaluate leave them."""
-    import mlflow
-
-    class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-            return model_input
-
-    paths = params.paths
-    accuracy = float(correct.mean())
-    report = {
-        "accuracy": accuracy,
-        "sensitivity": accuracy,
-        "specificity": accuracy,
-        "roc_auc": 0.9,
-        "ece": 0.05,
-        "accuracy_ci": [accuracy - 0.02, accuracy + 0.02],
-        "params": 1000,
-        "keras_bytes": 50_000,
-    }
-    paths.eval_reports(arch).mkdir(parents=True, exist_ok=True)
-    write_json(paths.eval_reports(arch) / "summary.json", report)
-    frame = pd.DataFrame({"path": [f"img{i}.png" for i in range(N)], "correct": correct})
-    paths.eval_predictions(arch).write_text(frame.to_csv(index=False))
-    tracking.configure(params.mlflow, params.dataset.name)
-    with tracking.run(run_name=arch) as run_id:
-        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
-        tracking.log_artifact(paths.eval_predictions(arch), "eval")
-    paths.eval_reports(arch).mkdir(parents=True, exist_ok=True)
-    write_json(
-        paths.eval_reports(arch) / "run.json", {"run_id": run_id, "model_uri": info.model_uri}
-    )
+    log_candidate(params, arch, correct)
 
 
 def _correct(accuracy: float, seed: int = 0) -> np.ndarray:

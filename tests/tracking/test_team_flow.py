@@ -18,19 +18,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from medimg import tracking
 from medimg.config import Params
 from medimg.io import read_json, write_json
-from tests.conftest import tiny_params
+from tests.conftest import log_candidate, tiny_params
 from tests.tracking.test_server import CI, MEMBER, MODEL, Server, as_user, cli, free_port
 
 pytestmark = pytest.mark.slow
@@ -73,48 +70,13 @@ def make_workspace(root: Path) -> tuple[Params, Path]:
     return params, params_file
 
 
-def write_reports(params: Params, correct: np.ndarray, run_id: str, model_uri: str) -> None:
-    """summary.json, run.json and the predictions CSV, as train + evaluate leave them."""
-    accuracy = float(correct.mean())
-    summary = {
-        "accuracy": accuracy,
-        "sensitivity": accuracy,
-        "specificity": accuracy,
-        "roc_auc": 0.9,
-        "accuracy_ci": [max(accuracy - 0.02, 0.0), min(accuracy + 0.02, 1.0)],
-        "params": 1000,
-        "keras_bytes": 50_000,
-    }
-    reports = params.paths.eval_reports(ARCH)
-    reports.mkdir(parents=True, exist_ok=True)
-    write_json(reports / "summary.json", summary)
-    write_json(reports / "run.json", {"run_id": run_id, "model_uri": model_uri})
-    frame = pd.DataFrame({"path": [f"img{i}.png" for i in range(N)], "correct": correct})
-    params.paths.eval_predictions(ARCH).write_text(frame.to_csv(index=False))
-
-
-def log_candidate(params: Params, server: Server, correct: np.ndarray) -> str:
-    """A member's candidate: a run on the server with a tiny model and the eval artifacts.
-
-    Logged through the server with the member's credentials, as a teammate's training on the
-    shared server would; returns the run id.
-    """
-    import mlflow
-
-    class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> Any:
-            return model_input
-
-    write_reports(params, correct, "pending", "pending")  # the CSV must exist to be logged
+def log_member_candidate(params: Params, server: Server, correct: np.ndarray) -> str:
+    """A member's candidate, logged through the server with the member's credentials, as a
+    teammate's training on the shared server would; returns the run id."""
     with pytest.MonkeyPatch.context() as mp:
         as_user(mp, MEMBER)
         mp.setenv("MLFLOW_TRACKING_URI", server.uri)
-        tracking.configure(params.mlflow, params.dataset.name)
-        with tracking.run(run_name=ARCH) as run_id:
-            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
-            tracking.log_artifact(params.paths.eval_predictions(ARCH), "eval")
-    write_reports(params, correct, run_id, info.model_uri)
-    return run_id
+        return log_candidate(params, ARCH, correct)
 
 
 def correct_first(k: int) -> np.ndarray:
@@ -169,7 +131,7 @@ def test_member_logs_ci_promotes_and_the_gate_holds(
     client = MlflowClient(server.uri)
 
     # 1. The first candidate (0.95) has no champion to beat: CI promotes it to v1.
-    first = log_candidate(params, server, correct_first(190))
+    first = log_member_candidate(params, server, correct_first(190))
     proc = promote(params_file, server.uri, CI, decision)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout
@@ -180,7 +142,7 @@ def test_member_logs_ci_promotes_and_the_gate_holds(
     assert client.get_model_version(MODEL, "1").run_id == first  # the member's run
 
     # 2. A worse candidate (0.85) on the same test images: refused, nothing registered.
-    log_candidate(params, server, correct_first(170))
+    log_member_candidate(params, server, correct_first(170))
     proc = promote(params_file, server.uri, CI, decision)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout
@@ -193,7 +155,7 @@ def test_member_logs_ci_promotes_and_the_gate_holds(
     assert versions(client) == ["1"]
 
     # 3. A better candidate (1.0): promoted to v2, the old champion becomes `previous`.
-    third = log_candidate(params, server, correct_first(N))
+    third = log_member_candidate(params, server, correct_first(N))
     proc = promote(params_file, server.uri, CI, decision)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = read_json(decision)
@@ -209,8 +171,7 @@ def test_member_logs_ci_promotes_and_the_gate_holds(
 
 
 def test_promote_with_a_wrong_password_names_the_user(server: Server, tmp_path: Path) -> None:
-    params, params_file = make_workspace(tmp_path)
-    write_reports(params, correct_first(190), "0" * 32, "models:/m-none")
+    _, params_file = make_workspace(tmp_path)  # no reports needed: the account is checked first
     proc = promote(params_file, server.uri, (CI[0], "not-the-ci-password"), tmp_path / "d.json")
     assert proc.returncode != 0
     lines = stderr_lines(proc)
@@ -220,8 +181,7 @@ def test_promote_with_a_wrong_password_names_the_user(server: Server, tmp_path: 
 
 
 def test_promote_against_a_closed_port_fails_fast(tmp_path: Path) -> None:
-    params, params_file = make_workspace(tmp_path)
-    write_reports(params, correct_first(190), "0" * 32, "models:/m-none")
+    _, params_file = make_workspace(tmp_path)
     uri = f"http://127.0.0.1:{free_port()}"  # bound once, then closed: nothing listens
     start = time.monotonic()
     proc = promote(params_file, uri, CI, tmp_path / "d.json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medimg import tracking
 from medimg.config import Params
 from medimg.io import write_json
 from medimg.promotion import gate_decision, load_reports, promote, rank, reason_paragraph
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> int:
+    tracking.configure(params.mlflow, params.dataset.name)  # the server and account, first
     reports = load_reports(params)
     order = rank(reports, params.register_cfg.metric)
     record = promote(params, gate_decision(params, reports, order), reports)
