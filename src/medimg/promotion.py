@@ -1,13 +1,14 @@
-"""The promotion gate: champion/challenger with MLflow aliases.
+"""The promotion gate and promotion: champion, challenger and previous as MLflow aliases.
 
-The best architecture (by `register.metric`) becomes a new version of
-`<dataset>-classifier` with alias `challenger`. It takes `champion` only through the gate:
-absolute floors (accuracy, optionally sensitivity/specificity) and no regression against the
-current champion beyond `gate.max_regression`; when both were tested on the same split
-(same dataset fingerprint), McNemar's test on their paired predictions also must not show the
-candidate significantly worse. A failed gate moves no alias. `medimg gate` re-checks the
-recorded decision against the registry for CI; `medimg rollback` undoes a promotion. The
-`register` stage calls `register_best`.
+`gate_decision` judges the best architecture (by `register.metric`) against the current
+champion, reading the registry only: absolute floors (accuracy, optionally sensitivity and
+specificity), no regression beyond `gate.max_regression`, and, when both were tested on the
+same split (same fingerprint), McNemar's test on their paired predictions must not show the
+candidate significantly worse. `promote` acts on a passed decision: a new version of
+`<dataset>-classifier` takes `champion` (and `challenger`), the old one `previous`; a refused
+candidate is not registered and no alias moves. The register stage promotes only where
+`promotion_allowed` says so; `medimg promote` (CI) always acts; `medimg gate` re-checks a
+recorded decision and `medimg rollback` undoes a promotion.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ GATED = ("accuracy", "sensitivity", "specificity")
 
 
 def load_reports(params: Params) -> dict[str, dict[str, Any]]:
+    """Every architecture's headline numbers, as the evaluate stage left them."""
     reports = {}
     for arch in params.train.architectures:
         path = params.paths.eval_reports(arch) / "summary.json"
