@@ -221,6 +221,8 @@ def server(reg, tmp_path_factory):
     ]
     env = {
         **os.environ,
+        # `mlflow models serve` execs uvicorn by name: the venv's, also outside `make`
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": reg.params.mlflow.tracking_uri,
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }

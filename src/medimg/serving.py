@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medimg import tracking
-from medimg.data.images import png_request
+from medimg.data.images import MAX_PIXELS, png_request
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ServingConfig:
     threshold: float = 0.5
     tta: bool = False
     temperature: float = 1.0
-    max_image_pixels: int = 4_000_000  # the archive reader's bound (dataset.limits)
+    max_image_pixels: int = MAX_PIXELS  # the archive reader's bound (dataset.limits)
 
 
 def log_serving_model(

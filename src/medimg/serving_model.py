@@ -27,6 +27,7 @@ class MedimgClassifier(PythonModel):
     """Keras image classifier: base64 images or pixel arrays in, class + probability out."""
 
     def load_context(self, context: Any) -> None:
+        from medimg.data.images import MAX_PIXELS
         from medimg.models.loading import load_model
 
         self.model = load_model(context.artifacts["keras_model"])
@@ -34,7 +35,7 @@ class MedimgClassifier(PythonModel):
         self.classes = list(config["classes"])
         self.size = int(config["image_size"])
         self.threshold = float(config.get("threshold", 0.5))
-        self.max_pixels = int(config.get("max_image_pixels", 4_000_000))
+        self.max_pixels = int(config.get("max_image_pixels", MAX_PIXELS))
         self.tta = bool(config.get("tta", False))
         self.temperature = float(config.get("temperature", 1.0))
 
