@@ -21,12 +21,12 @@ def gate(params: Params) -> int:
     report = read_json(params.paths.eval_reports(arch) / "summary.json")
     decision = decide(report, promotion["champion_before"], promotion["paired_test"], params.gate)
     promotion |= decision
-    tracking.configure(params.mlflow, params.dataset.name)
-    champ = tracking.version_by_alias(promotion["model_name"], "champion")
     text = reason_paragraph(promotion)
     if not promotion.get("promoted"):  # a decision only: `medimg promote` acts on it
         print(text)
         return 0 if decision["passed"] else 1
+    tracking.configure(params.mlflow, params.dataset.name)
+    champ = tracking.version_by_alias(promotion["model_name"], "champion")
     if decision["passed"] and (
         champ is None or champ["version"] != promotion["candidate"]["version"]
     ):
