@@ -36,11 +36,13 @@ LEVERS: dict[str, tuple[dict, dict, bool]] = {
     "px128": ({"overrides": {"compact_cnn": {"image_size": 128}}}, {}, True),
     "cosine": ({"overrides": {"compact_cnn": {"schedule": "cosine"}}}, {}, True),
     "smooth": ({"label_smoothing": 0.1}, {}, True),
+    "width1.2": ({"overrides": {"compact_cnn": {"model": {"width": 1.2}}}}, {}, True),
+    "epochs30": ({"overrides": {"compact_cnn": {"epochs": 30}}}, {}, True),
     "tta": ({}, {"tta": True}, False),
     "point_threshold": ({}, {"threshold_rule": "point"}, False),
     "no_temperature": ({}, {"temperature_scaling": False}, False),
 }
-TRAINING = ("color", "px96", "px128", "cosine", "smooth")
+TRAINING = ("color", "px96", "px128", "cosine", "smooth", "width1.2", "epochs30")
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -159,7 +159,7 @@ def write_split_dir(params, per_split=(48, 16, 16), classes=("Uninfected", "Para
     out = params.paths.split_manifest.parent
     out.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(params.paths.split_manifest)
-    write_shards(frame, images, out, 2, 0)
+    write_shards(frame, images, out, 0.02, 0)  # ~20 KB shards: a few per split
     summary = summarise(frame, list(classes), fingerprint(frame))
     write_json(params.paths.classes_json, summary)
     return summary

@@ -16,7 +16,7 @@ from medimg.errors import ConfigError
 from medimg.io import read_json
 from medimg.models.loading import load_model
 from medimg.models.recipe import check_architectures, class_weights, resolve_plan
-from medimg.train import fit
+from medimg.train import cache_mode, fit
 from tests.conftest import REPO, tiny_params, write_split_dir
 
 
@@ -57,6 +57,26 @@ def test_one_epoch_run_is_tracked_and_its_model_loads(split_params):
     pred = np.asarray(load_model(paths.model_file("tiny"))(raw))
     assert pred.shape == (3, 1) and ((pred >= 0) & (pred <= 1)).all()
     assert read_json(paths.train_run("tiny"))["run_id"] == result["run_id"]
+
+
+def test_auto_cache_keeps_uint8_images_in_memory_only_while_they_fit(tmp_path):
+    train = tiny_params(tmp_path).train
+    assert train.cache == "auto" and train.cache_max_memory_mb == 1024
+    assert cache_mode(train, 19_284, 64) == "memory"  # the NIH set at 64 px: 237 MB
+    assert cache_mode(train, 100_000, 224) == "disk"  # OCT2017 at 224 px: 15 GB
+    for fixed in ("memory", "disk", "none"):
+        assert cache_mode(train.model_copy(update={"cache": fixed}), 100_000, 224) == fixed
+
+
+def test_disk_cache_trains_and_is_removed_afterwards(tmp_path, capsys):
+    params = tiny_params(tmp_path, train={"cache": "disk"})
+    write_split_dir(params)
+    stale = params.paths.cache_dir("tiny")
+    stale.mkdir(parents=True)
+    (stale / "train_0.lockfile").write_text("a killed run")  # would block tf.data's cache
+    fit(params, "tiny")
+    assert f"image cache disk in {stale}" in capsys.readouterr().out
+    assert params.paths.model_file("tiny").exists() and not stale.exists()
 
 
 def test_plan_merges_recipe_train_and_overrides(tmp_path):

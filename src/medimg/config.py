@@ -137,7 +137,7 @@ class SplitFractions(Frozen):
 class SplitConfig(Frozen):
     strategy: Literal["patient", "image", "predefined"] = "patient"
     fractions: SplitFractions = SplitFractions()
-    shards: Annotated[int, Field(ge=1, le=1024)] = 2
+    shard_mb: Annotated[float, Field(gt=0, le=4096)] = 100.0  # per TFRecord file
     predefined_folders: dict[str, str] = {"train": "train", "val": "val", "test": "test"}
 
 
@@ -190,7 +190,9 @@ class TrainConfig(Frozen):
     class_weights: bool = False
     augment: AugmentConfig = AugmentConfig()
     shuffle_buffer: PosInt = 2048
-    cache: bool = True
+    # auto: uint8 images in memory while train+val fit in cache_max_memory_mb, else on disk
+    cache: Literal["auto", "memory", "disk", "none"] = "auto"
+    cache_max_memory_mb: PosInt = 1024
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     xla: bool = False
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
@@ -278,6 +280,10 @@ class PathsConfig(Frozen):
     def backup_dir(self, arch: str) -> Path:
         """BackupAndRestore state; outside every DVC output so a killed run can resume."""
         return Path(self.models) / ".backup" / arch
+
+    def cache_dir(self, arch: str) -> Path:
+        """tf.data's on-disk image cache (train.cache: disk); removed when training ends."""
+        return Path(self.models) / ".cache" / arch
 
     def train_reports(self, arch: str) -> Path:
         return Path(self.reports) / "train" / arch

@@ -16,7 +16,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from medimg.config import Params, SplitConfig
-from medimg.data.archive import iter_members
+from medimg.data.archive import open_zip
 from medimg.errors import DataError
 from medimg.io import atomic_dir, write_json
 
@@ -164,10 +164,12 @@ def run(params: Params) -> dict:
     if params.split.strategy != "image":
         check_disjoint(frame, "patient")
     summary = summarise(frame, classes, fingerprint(frame))
-    images = {m.name: data for m, data in iter_members(paths.raw_archive, params.dataset.limits)}
-    with atomic_dir(paths.split) as out:
+    # The raw archive is always a checked zip (the download stage re-packs tars and folders):
+    # read at random, one image at a time, memory stays flat however large the dataset.
+    limits = params.dataset.limits
+    with open_zip(paths.raw_archive, limits) as images, atomic_dir(paths.split) as out:
         frame.to_parquet(out / paths.split_manifest.name, index=False)
-        write_shards(frame, images, out, params.split.shards, params.seed)
+        write_shards(frame, images, out, params.split.shard_mb, params.seed)
         write_json(out / paths.classes_json.name, summary)
     print(
         "split: "

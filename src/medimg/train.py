@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from medimg import tracking
-from medimg.config import Params
+from medimg.config import Params, TrainConfig
 from medimg.errors import ConfigError, DataError
 from medimg.io import atomic_path, read_json, write_json, write_text
 from medimg.models.augment import build_augmenter, with_augmentation
@@ -130,10 +130,36 @@ def _class_info(params: Params) -> dict[str, Any]:
     return info
 
 
+def cache_mode(train: TrainConfig, images: int, image_size: int) -> str:
+    """'memory', 'disk' or 'none' for tf.data's image cache.
+
+    `auto` keeps the uint8 images in RAM only while train+val fit in `cache_max_memory_mb`
+    at the model's input size; beyond that (OCT2017 at 224 px is ~10 GB) they go to disk, so
+    the train stage's memory does not grow with the dataset.
+    """
+    if train.cache != "auto":
+        return train.cache
+    need = images * image_size * image_size * 3
+    return "memory" if need <= train.cache_max_memory_mb * 1e6 else "disk"
+
+
 def _datasets(params: Params, plan: TrainPlan, num_classes: int):
+    import shutil
+
     from medimg.data.shards import make_dataset
 
-    common = dict(num_classes=num_classes, seed=params.seed, cache=params.train.cache)
+    images = read_json(params.paths.classes_json)["images"]
+    mode = cache_mode(params.train, images["train"] + images["val"], plan.image_size)
+    root = params.paths.cache_dir(plan.arch)
+    if mode == "disk":  # a killed run leaves tf.data lock files: every attempt starts clean
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    print(f"train {plan.arch}: image cache {mode}" + (f" in {root}" if mode == "disk" else ""))
+
+    def cache(split: str) -> str:
+        return str(root / split) if mode == "disk" else mode
+
+    common = dict(num_classes=num_classes, seed=params.seed)
     train = make_dataset(
         params.paths.split,
         "train",
@@ -141,9 +167,12 @@ def _datasets(params: Params, plan: TrainPlan, num_classes: int):
         plan.batch_size,
         training=True,
         shuffle_buffer=params.train.shuffle_buffer,
+        cache=cache("train"),
         **common,
     )
-    val = make_dataset(params.paths.split, "val", plan.image_size, plan.batch_size, **common)
+    val = make_dataset(
+        params.paths.split, "val", plan.image_size, plan.batch_size, cache=cache("val"), **common
+    )
     return train, val
 
 
@@ -216,6 +245,7 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
         throughput = next(c for c in callbacks if isinstance(c, Throughput))
         result = _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id)
     _clean_backup(backup)
+    _clean_backup(params.paths.cache_dir(arch))
     return result
 
 

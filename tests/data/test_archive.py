@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from medimg.config import ArchiveLimits
-from medimg.data.archive import archive_kind, iter_members, list_members, safe_name, scan
+from medimg.data.archive import (
+    archive_kind,
+    iter_members,
+    list_members,
+    open_zip,
+    safe_name,
+    scan,
+)
 from medimg.errors import DataError
 from tests.conftest import make_nih_tree, png_bytes, zip_tree
 
@@ -207,3 +214,35 @@ def test_zip_tar_folder_give_the_same_members(tmp_path: Path) -> None:
         (n, s) for n, s, _ in readings[0]
     ]
     assert [archive_kind(p) for p in (as_zip, as_tar, tree)] == ["zip", "tar", "dir"]
+
+
+def test_open_zip_reads_entries_by_safe_name_one_at_a_time(tmp_path: Path) -> None:
+    a, b = png_bytes(seed=1), png_bytes(seed=2)
+    path = _zip(tmp_path / "a.zip", {"./x/a.png": a, "x/b.png": b, "x/": b""})
+    with open_zip(path, LIMITS) as images:
+        assert sorted(images) == ["x/a.png", "x/b.png"] and len(images) == 2
+        assert images["x/b.png"] == b and images["x/a.png"] == a  # any order
+        with pytest.raises(DataError, match=r"a.zip: no entry 'x/c.png'"):
+            images["x/c.png"]
+
+
+def test_open_zip_checks_every_header_first(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "slip.zip", {"ok.png": png_bytes(), "../evil.png": b"x"})
+    with pytest.raises(DataError, match=r"slip.zip: unsafe entry '../evil.png'"):
+        with open_zip(path, LIMITS):
+            pass
+    with pytest.raises(DataError, match="max_entries"):
+        with open_zip(
+            _zip(tmp_path / "n.zip", {"a": b"1", "b": b"2"}), ArchiveLimits(max_entries=1)
+        ):
+            pass
+
+
+def test_open_zip_names_a_corrupt_entry(tmp_path: Path) -> None:
+    good = _zip(tmp_path / "a.zip", {"a.png": png_bytes(seed=1)})
+    raw = bytearray(good.read_bytes())
+    raw[raw.index(b"PK\x03\x04") + 30 + len("a.png") + 40] ^= 0xFF
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(raw))
+    with open_zip(bad, LIMITS) as images, pytest.raises(DataError, match=r"'a.png' unreadable"):
+        images["a.png"]

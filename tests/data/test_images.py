@@ -29,14 +29,19 @@ def test_decode_errors_name_the_source():
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
-def test_preprocessing_matches_the_training_decode(mode):
-    """Same pixels as `medimg.data.decode` (TF decode + antialiased resize) for PNGs."""
-    import tensorflow as tf
+def test_preprocessing_matches_the_training_decode(mode, tmp_path):
+    """Same pixels as the shards the model trained on (TF decode, antialiased resize, whole
+    grey levels) for PNGs: written by the split's writer, read by the training reader."""
+    import pandas as pd
+
+    from medimg.data.shards import load_arrays, write_shards
 
     data = png_bytes(45, mode=mode, seed=3)
-    tf_img = tf.io.decode_image(data, channels=3, expand_animations=False)
-    expected = tf.clip_by_value(tf.image.resize(tf_img, (32, 32), antialias=True), 0, 255)
-    np.testing.assert_array_equal(prepare(data, 32), expected.numpy())
+    row = {"path": "a.png", "label": 0, "patient": "P1", "split": "train"}
+    write_shards(pd.DataFrame([row]), {"a.png": data}, tmp_path, 100, 0)
+    trained_on = load_arrays(tmp_path, "train", 32)[0][0]
+    np.testing.assert_array_equal(prepare(data, 32), trained_on)
+    np.testing.assert_array_equal(trained_on, np.round(trained_on))
 
 
 def test_serving_inputs_base64_frames_arrays_and_lists():

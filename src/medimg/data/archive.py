@@ -13,7 +13,8 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -213,3 +214,44 @@ def scan(path: str | Path, limits: ArchiveLimits, kind: str | None = None) -> li
 
 def list_members(path: str | Path, limits: ArchiveLimits) -> list[Member]:
     return scan(path, limits)
+
+
+class ZipImages(Mapping[str, bytes]):
+    """A checked zip as a read-only name → bytes mapping, read one entry at a time.
+
+    The split stage writes its shards in shuffled order; a dict of every image would make its
+    memory grow with the dataset (1 GB RSS on 19k cells). A zip's central directory gives
+    random access instead, so only the entry being written is in memory.
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, path: Path, infos: dict[str, zipfile.ZipInfo]):
+        self._zf, self._path, self._infos = zf, path, infos
+
+    def __getitem__(self, name: str) -> bytes:
+        info = self._infos.get(name)
+        if info is None:
+            raise DataError(f"{self._path}: no entry {name!r}")
+        try:
+            data = self._zf.read(info)
+        except (*_READ_ERRORS, NotImplementedError) as err:
+            raise DataError(f"{self._path}: entry {name!r} unreadable ({_why(err)})") from None
+        if len(data) != info.file_size:
+            raise DataError(f"{self._path}: entry {name!r} size differs from its header")
+        return data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+
+@contextmanager
+def open_zip(path: str | Path, limits: ArchiveLimits) -> Iterator[ZipImages]:
+    """Random access to a zip's regular files by their safe names, after the header checks."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    with _open_zip(path) as zf:
+        infos = {m.name: info for m, info in _zip_headers(zf, path, _Budget(path, limits))}
+        yield ZipImages(zf, path, infos)

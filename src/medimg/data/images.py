@@ -7,8 +7,9 @@ same in `medimg predict`, in the served model and in the evaluate stage:
   alpha channel is dropped, as `tf.io.decode_image(channels=3)` does; 16-bit images keep their
   high byte (TF's uint16 → uint8 conversion); EXIF orientation is ignored, as in training;
 - resize with TF itself, `tf.image.resize(bilinear, antialias=True)` on 0-255 floats, clipped
-  to [0, 255]: re-implementing the antialiasing kernel in numpy/PIL would only add a second
-  version to keep identical. PNG decoding is lossless, so PNG inputs match the shards exactly;
+  to [0, 255] and rounded to whole grey levels, as the uint8 training cache holds them:
+  re-implementing the antialiasing kernel in numpy/PIL would only add a second version to
+  keep identical. PNG decoding is lossless, so PNG inputs match the shards exactly;
   JPEG decoders may differ by a grey level;
 - float32 0-255 pixels go to the model, which rescales inside.
 """
@@ -102,7 +103,7 @@ def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     for idx in groups.values():
         batch = np.stack([np.asarray(images[i], dtype=np.float32) for i in idx])
         resized = tf.image.resize(batch, (size, size), method="bilinear", antialias=True)
-        out[idx] = np.clip(resized.numpy(), 0.0, 255.0)
+        out[idx] = np.round(np.clip(resized.numpy(), 0.0, 255.0))
     return out
 
 
@@ -126,7 +127,7 @@ def _resize_graph(size: int) -> Any:
 
     def one(image: Any) -> Any:
         resized = tf.image.resize(image.to_tensor(), (size, size), "bilinear", antialias=True)
-        return tf.clip_by_value(resized, 0.0, 255.0)
+        return tf.round(tf.clip_by_value(resized, 0.0, 255.0))
 
     @tf.function(input_signature=[spec])
     def resize(batch: Any) -> Any:
