@@ -1,5 +1,6 @@
 """Serving under load: `mlflow models serve` of the champion, N clients for T seconds each
-for 1-image and 32-image requests, on 127.0.0.1 only; then malformed payloads.
+for 1-image and 32-image requests (and 1-image requests from a single client, the latency
+without queueing), on 127.0.0.1 only; then malformed payloads.
 
     python bench/serve.py [--tracking-uri sqlite:///mlruns/mlflow.db] [--model-uri URI]
                           [--clients 4] [--seconds 10]
@@ -164,9 +165,11 @@ def main() -> None:
         batches = [body(data[i : i + 32]) for i in range(0, len(data) - 31, 32)]
         load(url, singles[:4], 1, 2.0)  # warm-up: graph tracing, first allocations
         load(url, batches[:1], 1, 2.0)
-        rows = [
-            ("1 image / request", load(url, singles, args.clients, args.seconds)),
-            ("32 images / request", load(url, batches, args.clients, args.seconds)),
+        n = args.clients
+        rows = [  # one client: the latency of a request alone; N: under load, with queueing
+            ("1 image / request, 1 client", load(url, singles, 1, args.seconds)),
+            (f"1 image / request, {n} clients", load(url, singles, n, args.seconds)),
+            (f"32 images / request, {n} clients", load(url, batches, n, args.seconds)),
         ]
         bad = malformed(url)
         alive = load(url, singles[:1], 1, 1.0)["errors"] == 0
@@ -178,7 +181,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    print(f"\nmlflow models serve, {args.clients} clients x {args.seconds:.0f} s, {kind} cells, "
+    print(f"\nmlflow models serve, {args.seconds:.0f} s per row, {kind} cells, "
           f"{os.cpu_count()} CPUs, 127.0.0.1")  # fmt: skip
     print("| request | requests | p50 ms | p99 ms | images/s | errors |")
     print("|---|---|---|---|---|---|")
