@@ -9,6 +9,7 @@ cells, because cells of one patient are not independent. The same numbers go to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,17 @@ from medimg import tracking
 from medimg.analysis import metrics as M
 from medimg.analysis import stats as S
 from medimg.analysis.calibration import apply_temperature, fit_temperature
-from medimg.analysis.edge import edge_check, images_per_second, representative
+from medimg.analysis.edge import (
+    TFLiteModel,
+    compare_edge,
+    images_per_second,
+    lite_probabilities,
+    representative_indices,
+    to_tflite,
+)
 from medimg.config import EvaluateConfig, Params
-from medimg.data.shards import split_arrays
+from medimg.data.shards import stream_split, take_images
+from medimg.errors import DataError
 from medimg.io import atomic_dir, read_json, write_json, write_text
 from medimg.models.loading import load_model
 from medimg.scoring import predicted_labels, probabilities
@@ -166,8 +175,14 @@ def gradcam_picks(
 
 
 def gradcam_figures(
-    model: Any, x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], n: int
+    model: Any,
+    images: Callable[[list[int]], np.ndarray],
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    n: int,
 ) -> dict[str, Any]:
+    """Grad-CAM grids of the picked test images; `images(indices)` decodes just those."""
     from medimg.analysis.gradcam import grad_cam
     from medimg.analysis.plots import gradcam_grid
 
@@ -178,30 +193,35 @@ def gradcam_figures(
         picks = wrong + right
         if not picks:
             continue
-        heat = grad_cam(model, x[picks])
+        x = images(picks)
+        heat = grad_cam(model, x)
         titles = [f"{'WRONG' if i in wrong else 'ok'}: {name} → {classes[pred[i]]}" for i in picks]
-        figures[name] = gradcam_grid(x[picks] / 255.0, heat, titles)
+        figures[name] = gradcam_grid(x / 255.0, heat, titles)
     return figures
+
+
+def int8_file(model: Any, params: Params, size: int, n_train: int) -> tuple[bytes, TFLiteModel]:
+    """The int8 TFLite file, calibrated on a seeded sample of training images (decoded alone)."""
+    cfg = params.evaluate
+    picks = representative_indices(n_train, cfg.representative_samples, params.seed)
+    calibration = take_images(params.paths.split, "train", size, picks.tolist())
+    content = to_tflite(model, "int8", representative=calibration)
+    return content, TFLiteModel(content, threads=1)
 
 
 def edge_figures(
     model: Any,
-    params: Params,
-    size: int,
-    x_test: np.ndarray,
+    bench: np.ndarray,
     y_test: np.ndarray,
     keras_probs: np.ndarray,
+    lite: tuple[bytes, TFLiteModel, np.ndarray] | None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """TFLite int8 size, accuracy against the float model, and single-thread images/s."""
-    cfg = params.evaluate
-    bench = x_test[: cfg.benchmark_images]
     keras_ips = images_per_second(model.predict_on_batch, bench, batch_size=32, min_seconds=1.0)
     result: dict[str, Any] = {"keras_cpu_images_per_s": round(keras_ips, 1)}
-    if not cfg.tflite_int8:
+    if lite is None:
         return result, None
-    x_train, *_ = split_arrays(params.paths.split, "train", size)
-    calibration = representative(x_train, cfg.representative_samples, params.seed)
-    check = edge_check(model, "int8", x_test, y_test, keras_probs, calibration=calibration)
+    check = compare_edge(*lite, keras_probs, y_test)
     result |= {
         "int8_bytes": check.size,
         "int8_accuracy": check.accuracy,
@@ -288,18 +308,37 @@ def dvc_metrics(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrated(
-    model: Any, x_val: np.ndarray, y_val: np.ndarray, x: np.ndarray, cfg: EvaluateConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(val, test probabilities as served, raw test probabilities, temperature).
+    y_val: np.ndarray, p_val_raw: np.ndarray, p_raw: np.ndarray, cfg: EvaluateConfig
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(val, test probabilities as served, temperature).
 
-    TTA (`evaluate.tta`) as the served model will run it; the temperature is fitted on val
-    (`evaluate.temperature_scaling`) and applied to both, so thresholds are chosen on the same
-    probabilities the clinician sees.
+    The raw probabilities come with `evaluate.tta` as the served model will run it; the
+    temperature is fitted on val (`evaluate.temperature_scaling`) and applied to both, so
+    thresholds are chosen on the same probabilities the clinician sees.
     """
-    p_val_raw = probabilities(model, x_val, tta=cfg.tta)
-    p_raw = probabilities(model, x, tta=cfg.tta)
     t = fit_temperature(y_val, p_val_raw) if cfg.temperature_scaling else 1.0
-    return apply_temperature(p_val_raw, t), apply_temperature(p_raw, t), p_raw, t
+    return apply_temperature(p_val_raw, t), apply_temperature(p_raw, t), t
+
+
+def scored_splits(
+    model: Any, params: Params, size: int, info: dict[str, Any]
+) -> tuple[dict[str, Any], tuple[bytes, TFLiteModel] | None]:
+    """Val and test scored in one streamed pass each: one batch of images in memory at a
+    time, whatever the split size. Test gets the served scoring (TTA as configured), the
+    plain scoring the int8 file must match, and the int8 file's own probabilities."""
+    cfg, split = params.evaluate, params.paths.split
+    served = lambda x: probabilities(model, x, tta=cfg.tta)  # noqa: E731
+    y_val, val_patients, _, out = stream_split(split, "val", size, {"raw": served})
+    scorers = {"raw": served}
+    if cfg.tta:
+        scorers["plain"] = lambda x: probabilities(model, x)
+    edge = int8_file(model, params, size, info["images"]["train"]) if cfg.tflite_int8 else None
+    if edge is not None:
+        scorers["int8"] = lambda x: lite_probabilities(edge[1], x)
+    y, patients, img_paths, test = stream_split(split, "test", size, scorers)
+    test.setdefault("plain", test["raw"])
+    found = {"y_val": y_val, "val_patients": val_patients, "p_val_raw": out["raw"], "y": y}
+    return found | {"patients": patients, "paths": img_paths, **test}, edge
 
 
 def run(params: Params, arch: str) -> dict[str, Any]:
@@ -313,19 +352,25 @@ def run(params: Params, arch: str) -> dict[str, Any]:
     size = int(run_info["image_size"])
     model = load_model(paths.model_file(arch))
 
-    x_val, y_val, val_patients, _ = split_arrays(paths.split, "val", size)
-    x, y, patients, img_paths = split_arrays(paths.split, "test", size)
-    p_val, probs, p_raw, temperature = calibrated(model, x_val, y_val, x, cfg)
-    result = score(y, probs, y_val, p_val, patients, classes, cfg, params.seed, val_patients)
+    scored, edge_file = scored_splits(model, params, size, info)
+    y, patients, y_val = scored["y"], scored["patients"], scored["y_val"]
+    if len(y_val) == 0 or len(y) == 0:
+        raise DataError(f"{paths.split}: the {'val' if len(y_val) == 0 else 'test'} split is empty")
+    p_val, probs, temperature = calibrated(y_val, scored["p_val_raw"], scored["raw"], cfg)
+    result = score(
+        y, probs, y_val, p_val, patients, classes, cfg, params.seed, scored["val_patients"]
+    )
     result["calibration"] = {
         "temperature": temperature,
-        "ece_before": M.expected_calibration_error(y, p_raw, cfg.calibration_bins),
+        "ece_before": M.expected_calibration_error(y, scored["raw"], cfg.calibration_bins),
         "ece_after": result["ece"],
         "tta": cfg.tta,
     }
-    plain = probabilities(model, x) if cfg.tta else p_raw  # what the TFLite file must match
-    edge, int8 = edge_figures(model, params, size, x, y, plain)
-    figures = gradcam_figures(model, x, y, probs, classes, cfg.gradcam_examples)
+    images = lambda picks: take_images(paths.split, "test", size, picks)  # noqa: E731
+    bench = images(list(range(min(cfg.benchmark_images, len(y)))))
+    lite = None if edge_file is None else (*edge_file, scored["int8"])
+    edge, int8 = edge_figures(model, bench, y, scored["plain"], lite)
+    figures = gradcam_figures(model, images, y, probs, classes, cfg.gradcam_examples)
 
     flat = headline(result, train_metrics, edge)
     out = paths.eval_reports(arch)
@@ -338,7 +383,7 @@ def run(params: Params, arch: str) -> dict[str, Any]:
         temperature=temperature,
         max_image_pixels=params.dataset.limits.max_image_pixels,
     )
-    run_info = _log_model(params, run_info, paths.model_file(arch), serving, x_val[:2])
+    run_info = _log_model(params, run_info, paths.model_file(arch), serving, bench[:2])
     with atomic_dir(out) as tmp:
         write_plots(tmp, result, y, probs, classes, cfg, figures, paths.train_reports(arch))
         if int8 is not None:
@@ -346,7 +391,7 @@ def run(params: Params, arch: str) -> dict[str, Any]:
         write_json(tmp / "details.json", {**result, "edge": edge, "architecture": arch})
         write_json(tmp / "run.json", run_info)  # what register reads: inside this stage's out
         write_json(tmp / "summary.json", flat)  # every headline number, for compare.md
-    frame = predictions_frame(img_paths, patients, y, probs, classes, 0.5)
+    frame = predictions_frame(scored["paths"], patients, y, probs, classes, 0.5)
     write_text(paths.eval_predictions(arch), frame.to_csv(index=False))
     write_text(paths.eval_roc(arch), roc_csv(y, probs))
     write_json(paths.eval_metrics(arch), dvc_metrics(flat))

@@ -4,7 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medimg.data.shards import load_arrays, make_dataset, shard_count, write_shards
+from medimg.data.shards import (
+    load_arrays,
+    make_dataset,
+    shard_count,
+    stream_split,
+    take_images,
+    write_shards,
+)
 from tests.conftest import png_bytes
 
 
@@ -126,3 +133,29 @@ def test_every_cache_gives_the_same_whole_grey_level_batches(shards, tmp_path, c
     np.testing.assert_array_equal(second, first)
     if cache == "disk":
         assert any((tmp_path / "cache").iterdir())
+
+
+def test_stream_split_scores_batch_by_batch_like_the_whole_array(shards):
+    out, *_ = shards
+    x, y, patients, paths = load_arrays(out, "train", 16)
+    calls = []
+
+    def brightness(batch):
+        calls.append(len(batch))
+        return batch.mean(axis=(1, 2, 3))
+
+    ys, ps, fs, scores = stream_split(out, "train", 16, {"mean": brightness}, batch=4)
+    assert calls == [4, 4, 4, 2]  # never more than a batch of images at a time
+    np.testing.assert_array_equal(ys, y)
+    assert ps == patients and fs == paths
+    np.testing.assert_allclose(scores["mean"], x.mean(axis=(1, 2, 3)))
+
+
+def test_take_images_decodes_only_the_asked_indices_in_the_asked_order(shards):
+    out, *_ = shards
+    x, *_ = load_arrays(out, "train", 16)
+    picks = [9, 0, 13, 9]
+    np.testing.assert_array_equal(take_images(out, "train", 16, picks), x[picks])
+    assert take_images(out, "train", 16, []).shape == (0, 16, 16, 3)
+    with pytest.raises(IndexError, match="no image at index 14"):
+        take_images(out, "train", 16, [14])

@@ -351,10 +351,11 @@ def write_tflite(content: bytes, dest: Path) -> Path:
     return dest
 
 
-def representative(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """A seeded random subset of training images for int8 calibration (all classes mixed)."""
+def representative_indices(count: int, n: int, seed: int) -> np.ndarray:
+    """Which of `count` training images calibrate int8: a seeded random subset, all classes
+    mixed. Indices, so the evaluate stage decodes only those images."""
     rng = np.random.default_rng(seed)
-    return x_train[rng.choice(len(x_train), min(n, len(x_train)), replace=False)]
+    return rng.choice(count, min(n, count), replace=False)
 
 
 @dataclass(frozen=True)
@@ -372,23 +373,25 @@ class EdgeCheck:
         return len(self.content)
 
 
-def edge_check(
-    model: keras.Model,
-    quantize: Quantize,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    keras_probs: np.ndarray,
-    threshold: float = 0.5,
-    calibration: np.ndarray | None = None,
-) -> EdgeCheck:
-    """Convert `model`, run the file on the test images and compare it with `keras_probs`.
+def lite_probabilities(lite: TFLiteModel, images: np.ndarray) -> np.ndarray:
+    """The edge file's probabilities in `probabilities`' shape: (N,) sigmoid or (N, K)."""
+    probs = np.asarray(lite.predict(images, batch_size=64), np.float64)
+    return probs[:, 0] if probs.ndim == 2 and probs.shape[1] == 1 else probs
 
-    The one int8/float16 check: the evaluate stage reports it and `medimg export` gates on it.
+
+def compare_edge(
+    content: bytes,
+    lite: TFLiteModel,
+    probs: np.ndarray,
+    keras_probs: np.ndarray,
+    y_test: np.ndarray,
+    threshold: float = 0.5,
+) -> EdgeCheck:
+    """How the edge file's test probabilities decide compared with the Keras model's.
+
+    The one int8/float16 check: the evaluate stage reports it and `medimg export` gates on
+    it; both compute the two sets of probabilities in one streamed pass over test.
     """
-    content = to_tflite(model, quantize, representative=calibration)
-    lite = TFLiteModel(content, threads=1)
-    probs = np.asarray(lite.predict(x_test, batch_size=64), np.float64)
-    probs = probs[:, 0] if probs.ndim == 2 and probs.shape[1] == 1 else probs
     return EdgeCheck(
         content=content,
         lite=lite,

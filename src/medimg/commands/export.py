@@ -8,7 +8,8 @@ from typing import Any
 
 from medimg.commands.model import MODEL_HELP, load_classifier
 from medimg.config import Params
-from medimg.errors import MedimgError
+from medimg.errors import DataError, MedimgError
+from medimg.io import read_json
 from medimg.scoring import Classifier, probabilities
 
 MIN_AGREEMENT = 0.99
@@ -31,16 +32,33 @@ def export_path(params: Params, clf: Classifier, quantize: str) -> Path:
 
 def export_edge(params: Params, clf: Classifier, quantize: str) -> tuple[bytes, dict[str, Any]]:
     """The .tflite bytes and their test-split numbers; raises when parity is below 99 %."""
-    from medimg.analysis.edge import check_parity, edge_check, representative
-    from medimg.data.shards import split_arrays
+    from medimg.analysis.edge import (
+        TFLiteModel,
+        check_parity,
+        compare_edge,
+        lite_probabilities,
+        representative_indices,
+        to_tflite,
+    )
+    from medimg.data.shards import stream_split, take_images
 
-    x_test, y_test, _, _ = split_arrays(params.paths.split, "test", clf.size)
+    split = params.paths.split
     calibration = None
-    if quantize == "int8":
-        x_train, *_ = split_arrays(params.paths.split, "train", clf.size)
-        calibration = representative(x_train, params.evaluate.representative_samples, params.seed)
-    keras_probs = probabilities(clf.model, x_test)
-    check = edge_check(clf.model, quantize, x_test, y_test, keras_probs, clf.threshold, calibration)
+    if quantize == "int8":  # a seeded sample of training images, decoded alone
+        n_train = read_json(params.paths.classes_json)["images"]["train"]
+        picks = representative_indices(n_train, params.evaluate.representative_samples, params.seed)
+        calibration = take_images(split, "train", clf.size, picks.tolist())
+    content = to_tflite(clf.model, quantize, representative=calibration)
+    lite = TFLiteModel(content, threads=1)
+    scorers = {
+        "keras": lambda x: probabilities(clf.model, x),
+        "lite": lambda x: lite_probabilities(lite, x),
+    }
+    y_test, _, _, out = stream_split(split, "test", clf.size, scorers)  # a batch at a time
+    if len(y_test) == 0:
+        raise DataError(f"{split}: the test split is empty")
+    keras_probs = out["keras"]
+    check = compare_edge(content, lite, out["lite"], keras_probs, y_test, clf.threshold)
     check_parity(keras_probs, check.probs, MIN_AGREEMENT, clf.threshold)
     stats = {
         "bytes": check.size,

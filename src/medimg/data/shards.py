@@ -10,7 +10,7 @@ augmentation lives in the model's training graph (medimg.models.augment), not he
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,11 +101,27 @@ def decode(record: tf.Tensor, image_size: int) -> dict[str, tf.Tensor]:
     return {"image": img, "label": ex["label"], "patient": ex["patient"], "path": ex["path"]}
 
 
+def _records(split_dir: str | Path, split: str) -> tf.data.Dataset:
+    """The serialized Examples of a split, in a fixed order (shard order, then record order)."""
+    files = shard_files(split_dir, split)
+    return tf.data.TFRecordDataset(files, num_parallel_reads=len(files))
+
+
+def require_split(split_dir: str | Path, split: str) -> None:
+    """A one-line DataError (exit code and all) when the split stage has not written `split`."""
+    from medimg.errors import DataError
+
+    try:
+        shard_files(split_dir, split)
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
+
+
 def read_split(split_dir: str | Path, split: str, image_size: int) -> tf.data.Dataset:
     """Decoded, unbatched examples in a fixed order (shard order, then record order)."""
-    files = shard_files(split_dir, split)
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=len(files))
-    return ds.map(lambda r: decode(r, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return _records(split_dir, split).map(
+        lambda r: decode(r, image_size), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
 
 
 def make_dataset(
@@ -149,16 +165,84 @@ def make_dataset(
     return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(AUTOTUNE)
 
 
+def iter_batches(
+    split_dir: str | Path, split: str, image_size: int, batch: int = 256
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str], list[str]]]:
+    """The split in read order, `batch` images at a time: float32 0-255 images, labels,
+    patients and paths. A whole split of OCT2017 at 224 px would be 12 GB as one array."""
+    for ex in read_split(split_dir, split, image_size).batch(batch).as_numpy_iterator():
+        patients = [p.decode() for p in ex["patient"]]
+        yield (
+            ex["image"].astype(np.float32),
+            ex["label"],
+            patients,
+            [p.decode() for p in ex["path"]],
+        )
+
+
+def stream_split(
+    split_dir: str | Path,
+    split: str,
+    image_size: int,
+    scorers: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    batch: int = 256,
+) -> tuple[np.ndarray, list[str], list[str], dict[str, np.ndarray]]:
+    """One pass over a split: labels, patients, paths, and each scorer's output per image.
+
+    Only one batch of images is in memory at a time; the outputs (a probability or a few per
+    image) are what is kept, so the evaluate stage's memory does not grow with the split.
+    """
+    require_split(split_dir, split)
+    ys: list[np.ndarray] = []
+    patients: list[str] = []
+    paths: list[str] = []
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
+    for x, y, p, f in iter_batches(split_dir, split, image_size, batch):
+        ys.append(y)
+        patients += p
+        paths += f
+        for name, fn in scorers.items():
+            outputs[name].append(np.asarray(fn(x)))
+    joined = {k: np.concatenate(v) if v else np.zeros(0) for k, v in outputs.items()}
+    return (np.concatenate(ys) if ys else np.zeros(0, np.int64)), patients, paths, joined
+
+
+def take_images(
+    split_dir: str | Path, split: str, image_size: int, indices: Sequence[int]
+) -> np.ndarray:
+    """float32 images at `indices` of the read order, in the order given.
+
+    Records are filtered before decoding, so picking 100 calibration images out of 65k
+    decodes 100 images, not the whole split.
+    """
+    require_split(split_dir, split)
+    wanted = np.unique(np.asarray(indices, np.int64))
+    if len(wanted) == 0:
+        return np.zeros((0, image_size, image_size, 3), np.float32)
+    keep = tf.constant(wanted)
+    ds = (
+        _records(split_dir, split)
+        .enumerate()
+        .filter(lambda i, _: tf.reduce_any(tf.equal(i, keep)))
+        .map(lambda _, r: decode(r, image_size)["image"], num_parallel_calls=AUTOTUNE)
+    )
+    found = list(ds.as_numpy_iterator())
+    if len(found) != len(wanted):
+        raise IndexError(f"{split_dir}: {split} has no image at index {int(wanted[-1])}")
+    row = {int(w): k for k, w in enumerate(wanted)}
+    return np.stack(found).astype(np.float32)[[row[int(i)] for i in indices]]
+
+
 def load_arrays(
     split_dir: str | Path, split: str, image_size: int
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """The whole split in memory: images (N,S,S,3) float32 0-255, labels, patients and paths."""
     xs, ys, patients, paths = [], [], [], []
-    for ex in read_split(split_dir, split, image_size).batch(256).as_numpy_iterator():
-        xs.append(ex["image"].astype(np.float32))
-        ys.append(ex["label"])
-        patients += [p.decode() for p in ex["patient"]]
-        paths += [p.decode() for p in ex["path"]]
+    for x, y, p, f in iter_batches(split_dir, split, image_size):
+        xs.append(x)
+        ys.append(y)
+        patients += p
+        paths += f
     if not xs:
         return np.zeros((0, image_size, image_size, 3), np.float32), np.zeros(0, np.int64), [], []
     return np.concatenate(xs), np.concatenate(ys), patients, paths
@@ -170,10 +254,8 @@ def split_arrays(
     """`load_arrays`, or a one-line DataError when the split is missing or empty."""
     from medimg.errors import DataError
 
-    try:
-        arrays = load_arrays(split_dir, split, image_size)
-    except FileNotFoundError as err:
-        raise DataError(str(err)) from None
+    require_split(split_dir, split)
+    arrays = load_arrays(split_dir, split, image_size)
     if len(arrays[0]) == 0:
         raise DataError(f"{split_dir}: the {split} split is empty")
     return arrays
