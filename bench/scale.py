@@ -115,9 +115,9 @@ def save(work: Path, results: dict) -> None:
 def table(results: dict) -> str:
     sizes = sorted(results, key=int)
     stages = [*DATA_STAGES, *MODEL_STAGES, "no-op dvc repro"]
-    head = " | ".join(f"{int(s) // 1000}k images: s, peak MB" for s in sizes)
+    head = " | ".join(f"{int(s):,} images: s, peak MB" for s in sizes)
     lines = [
-        f"| stage | {head} | growth {int(sizes[0]) // 1000}k → largest: time, RSS |",
+        f"| stage | {head} | growth, smallest → largest: time, RSS |",
         "|---" * (len(sizes) + 2) + "|",
     ]
     for stage in stages:
