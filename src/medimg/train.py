@@ -3,12 +3,16 @@
 The plan (recipe merged with params) is `medimg.models.recipe.resolve_plan`; this module runs
 it: tf.data pipelines, precision and distribution strategy, callbacks (resume after a kill,
 best checkpoint, per-epoch MLflow metrics), then the model, reports and the served model.
+With TF_CONFIG naming several machines (`medimg.distribute`), every machine trains and only
+the chief writes and logs.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from medimg import tracking
+from medimg import distribute, tracking
 from medimg.config import Params, TrainConfig
 from medimg.errors import ConfigError, DataError
 from medimg.io import atomic_path, read_json, write_json, write_text
@@ -62,7 +66,12 @@ class EpochLogger(keras.callbacks.Callback):
         tracking.log_metrics(values, step=epoch)
 
 
-def make_callbacks(params: Params, plan: TrainPlan, backup: Path, n_train: int) -> list:
+def make_callbacks(
+    params: Params, plan: TrainPlan, backup: Path, n_train: int, chief: bool = True
+) -> list:
+    """Checkpoints and history go to `backup`; only the chief logs to MLflow. Every worker
+    gets the same list otherwise: they all see the same epoch logs, so they all stop, save
+    and lower the learning rate at the same epochs, as synchronous training needs."""
     t = params.train
     mode = "min" if t.monitor == "val_loss" else "max"
     cbs: list[keras.callbacks.Callback] = [
@@ -76,7 +85,7 @@ def make_callbacks(params: Params, plan: TrainPlan, backup: Path, n_train: int) 
         ),
         Throughput(n_train),
         keras.callbacks.CSVLogger(str(backup / "history.csv"), append=True),
-        EpochLogger(),
+        *([EpochLogger()] if chief else []),
     ]
     if t.early_stopping_patience:
         cbs.append(
@@ -110,9 +119,14 @@ def configure_precision(mode: str, has_gpu: bool) -> str:
 
 
 def choose_strategy(devices: list[str] | None = None):
-    """MirroredStrategy over several devices (all GPUs by default), else the default one."""
+    """MultiWorkerMirroredStrategy when TF_CONFIG names several machines (each one trains on
+    all its GPUs); else MirroredStrategy over several devices (all GPUs by default); else the
+    default one. Call it before any other TensorFlow work: the multi-worker strategy has to
+    configure the runtime's collective ops before it starts."""
     import tensorflow as tf
 
+    if devices is None and distribute.is_multi_worker(distribute.read_tf_config()):
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if devices is None:
         devices = [d.name for d in tf.config.list_logical_devices("GPU")]
     if len(devices) > 1:
@@ -177,25 +191,38 @@ def _datasets(params: Params, plan: TrainPlan, num_classes: int):
 
 
 def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
-    """Train `arch`, track it in MLflow and write the model, history and metrics."""
+    """Train `arch`, track it in MLflow and write the model, history and metrics.
+
+    With TF_CONFIG naming several machines this is one task of a synchronous job: every task
+    trains on its share of each batch; the chief alone writes and logs, the others keep their
+    checkpoints in a temporary directory that they delete (see `medimg.distribute`).
+    """
     from medimg.models import build_model
 
     check_architectures(params)
-    tracking.configure(params.mlflow, params.dataset.name)  # an unreachable server fails now
+    tf_config = distribute.read_tf_config()
+    multi, chief = distribute.is_multi_worker(tf_config), distribute.is_chief(tf_config)
+    if chief:
+        tracking.configure(params.mlflow, params.dataset.name)  # an unreachable server fails now
+    strategy = strategy or choose_strategy()  # before any other TensorFlow call
     keras.utils.set_random_seed(params.seed)
     plan = resolve_plan(params, arch)
     info = _class_info(params)
     classes, num_classes = info["classes"], info["num_classes"]
     dev = device_info()
     policy = configure_precision(params.train.mixed_precision, dev["gpus"] > 0)
-    strategy = strategy or choose_strategy()
     train_ds, val_ds = _datasets(params, plan, num_classes)
+    if multi:  # a split of one shard file has to serve every worker
+        train_ds, val_ds = distribute.shard_by_data(train_ds), distribute.shard_by_data(val_ds)
     n_train = info["images"]["train"]
     steps = int(np.ceil(n_train / plan.batch_size))
     backup = params.paths.backup_dir(arch)
-    if not (backup / "state").exists():
-        _clean_backup(backup)  # leftovers of a run that failed before its first epoch ended
-    backup.mkdir(parents=True, exist_ok=True)
+    if chief:
+        # leftovers of a run that failed before its first epoch ended; a multi-worker run
+        # always starts over, as its workers keep no state to resume from
+        if multi or not (backup / "state").exists():
+            _clean_backup(backup)
+        backup.mkdir(parents=True, exist_ok=True)
 
     with strategy.scope():
         shape = (plan.image_size, plan.image_size, 3)
@@ -205,10 +232,13 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
             if plan.augmentation
             else model
         )
+    if multi:  # wrapped outside the scope on purpose: see distribute.CollectiveTrainer
+        trainer = distribute.collective_trainer(trainer)
+    with strategy.scope():
         t = params.train
         compile_model(trainer, plan, num_classes, steps, t.xla, t.label_smoothing)
 
-    resume_id = _read_resume_id(backup)
+    resume_id = _read_resume_id(backup) if chief and not multi else None
     tags = {
         "architecture": arch,
         "git_commit": tracking.git_commit(),
@@ -216,36 +246,48 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
         "dataset_fingerprint": info["fingerprint"],
         "precision_policy": policy,
         "replicas": strategy.num_replicas_in_sync,
+        "workers": max(1, distribute.training_tasks(tf_config)),
         **dev,
     }
-    with tracking.run(arch, resume_id, tags, system_metrics=True) as run_id:
-        (backup / "mlflow_run_id").write_text(run_id)
-        if resume_id is None:
+    # a worker opens no MLflow run; its checkpoints go to a directory it deletes
+    scratch = nullcontext(backup) if chief else tempfile.TemporaryDirectory(prefix="medimg-")
+    logged = tracking.run(arch, resume_id, tags, system_metrics=True) if chief else nullcontext()
+    with scratch as folder, logged as run_id:
+        backup = Path(folder)
+        if chief:
+            (backup / "mlflow_run_id").write_text(run_id)
+        if chief and resume_id is None:
             tracking.log_params(
                 {**params.model_dump(mode="json", by_alias=True), "plan": asdict(plan)}
             )
             tracking.log_dataset(split_dataset(params), "train")  # one input: the whole split
-        callbacks = make_callbacks(params, plan, backup, n_train)
+        callbacks = make_callbacks(params, plan, backup, n_train, chief)
         weights = (
             class_weights(info["counts"]["train"], classes) if params.train.class_weights else None
         )
         t0 = time.perf_counter()
-        trainer.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=plan.epochs,
-            callbacks=callbacks,
-            class_weight=weights,
-            shuffle=False,  # the tf.data pipeline shuffles, seeded
-            verbose=2,
-        )
+        with strategy.scope() if multi else nullcontext():  # see distribute.CollectiveTrainer
+            trainer.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=plan.epochs,
+                callbacks=callbacks,
+                class_weight=weights,
+                shuffle=False,  # the tf.data pipeline shuffles, seeded
+                verbose=2,
+            )
         seconds = time.perf_counter() - t0
         if (backup / "best.weights.h5").exists():
             trainer.load_weights(str(backup / "best.weights.h5"))
         throughput = next(c for c in callbacks if isinstance(c, Throughput))
-        result = _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id)
+        if chief:
+            result = _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id)
+        else:
+            result = {"epochs_run": len(throughput.rates), "train_seconds": round(seconds, 2)}
     _clean_backup(backup)
     _clean_backup(params.paths.cache_dir(arch))
+    if multi:  # workers leave once the chief has written and logged (or fail if it died)
+        distribute.barrier(strategy)
     return result
 
 

@@ -66,7 +66,7 @@ def test_a_huge_shard_size_gives_one_file_and_never_more_files_than_images(tmp_p
 
 
 def test_shards_hold_every_image_once_with_metadata(shards):
-    out, written, images, _, _ = shards
+    out, _, images, _, _ = shards
     x, y, patients, paths = load_arrays(out, "train", 24)
     assert x.shape == (14, 24, 24, 3) and x.dtype == np.float32
     assert x.min() >= 0.0 and x.max() <= 255.0
