@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medimg.scoring import predicted_labels, result_frame
+from medimg.scoring import predicted_labels, probabilities, result_frame
 
 CLASSES = ["Uninfected", "Parasitized"]
 
@@ -64,3 +64,20 @@ def test_temperature_is_applied_after_the_model():
         apply_temperature(probabilities(model, x), 2.0),
         rtol=1e-9,
     )
+
+
+def test_scoring_calls_the_model_on_pixel_bounded_slices():
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def predict_on_batch(self, x):
+            self.batches.append(len(x))
+            return np.full((len(x), 1), 0.25, np.float32)
+
+    model = Recorder()
+    probs = probabilities(model, np.zeros((50, 224, 224, 3), np.float32))
+    assert model.batches == [20, 20, 10] and probs.shape == (50,)
+    model.batches.clear()
+    probabilities(model, np.zeros((300, 64, 64, 3), np.float32))
+    assert model.batches == [256, 44]  # cells: the same slices as ever

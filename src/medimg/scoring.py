@@ -17,12 +17,10 @@ import pandas as pd
 
 from medimg.analysis.calibration import apply_temperature
 from medimg.analysis.metrics import predicted_labels
-from medimg.data.images import MAX_PIXELS, images_from_input
+from medimg.data.images import MAX_PIXELS, batch_for, images_from_input
 from medimg.errors import MedimgError
 
 DEFAULT_THRESHOLD = 0.5
-# Images per model call: bounds memory on a whole test split; larger batches gain nothing on CPU.
-SCORE_BATCH = 256
 
 
 def model_size(model: Any) -> int:
@@ -52,7 +50,7 @@ def _model_outputs(model: Any, images: np.ndarray, batch: int) -> np.ndarray:
 def probabilities(
     model: Any,
     images: np.ndarray,
-    batch: int = SCORE_BATCH,
+    batch: int | None = None,
     tta: bool = False,
     temperature: float = 1.0,
 ) -> np.ndarray:
@@ -60,12 +58,13 @@ def probabilities(
 
     `tta`: the mean over the 8 dihedral views (8x the cost); `temperature`: the calibration
     fitted on validation (`medimg.analysis.calibration`), applied after the mean.
-    `predict_on_batch` on slices of `batch` images: `predict` builds a tf.data pipeline per
-    call, which costs more than a batch of small cells, and slicing bounds memory on a whole
-    split.
+    `predict_on_batch` on slices of `batch` images (default: `batch_for`, by pixels): `predict`
+    builds a tf.data pipeline per call, which costs more than a batch of small cells, and
+    slicing bounds memory on a whole split.
     """
     if len(images) == 0:
         return np.zeros((0,), np.float64)
+    batch = batch or batch_for(images)
     views = dihedral_views(images) if tta else [images]
     out = np.mean([_model_outputs(model, v, batch) for v in views], axis=0)
     return apply_temperature(out, temperature)

@@ -111,3 +111,12 @@ def test_a_batch_of_many_shapes_resizes_exactly_as_one_by_one():
     together = resize_batch(images, 32)
     one_by_one = np.concatenate([resize_batch([im], 32) for im in images])
     np.testing.assert_array_equal(together, one_by_one)
+
+
+def test_model_calls_are_bounded_by_pixels_not_images():
+    from medimg.data.images import batch_for
+
+    cells = np.zeros((1000, 64, 64, 3), np.float32)
+    assert batch_for(cells) == 256 and batch_for(cells, 64) == 64
+    assert batch_for(np.zeros((1, 224, 224, 3))) == 20  # 256 scans at 224 px took 3.5 GB
+    assert batch_for(np.zeros((1, 4000, 4000, 3))) == 1

@@ -40,6 +40,7 @@ import keras
 import numpy as np
 
 from medimg.analysis.metrics import predicted_labels
+from medimg.data.images import batch_for
 from medimg.errors import ConfigError, DataError, MedimgError
 from medimg.io import write_bytes
 
@@ -375,7 +376,8 @@ class EdgeCheck:
 
 def lite_probabilities(lite: TFLiteModel, images: np.ndarray) -> np.ndarray:
     """The edge file's probabilities in `probabilities`' shape: (N,) sigmoid or (N, K)."""
-    probs = np.asarray(lite.predict(images, batch_size=64), np.float64)
+    # 64 cells at 64 px a call, fewer for larger images: the interpreter's arena grows too
+    probs = np.asarray(lite.predict(images, batch_size=batch_for(images, 64)), np.float64)
     return probs[:, 0] if probs.ndim == 2 and probs.shape[1] == 1 else probs
 
 
