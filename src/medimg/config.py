@@ -72,7 +72,7 @@ class OctSyntheticConfig(Frozen):
 class ArchiveLimits(Frozen):
     """Bounds that keep a hostile or broken archive from filling disk or memory."""
 
-    max_total_bytes: PosInt = 4_000_000_000
+    max_total_bytes: PosInt = 20_000_000_000  # OCT2017 is 5.8 GB; synthetic OCT 100k ~10 GB
     max_entries: PosInt = 500_000
     max_image_pixels: PosInt = 4_000_000
 
