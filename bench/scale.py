@@ -99,10 +99,11 @@ def run_size(work: Path, size: int, train: bool, image_size: int, results: dict)
             row[stage] = {"seconds": round(seconds, 1), "peak_rss_mb": round(rss)}
             row["images"] = images_in(repo) or row.get("images")
             save(work, results)
-    target = [] if train else [stages[-1]]  # the whole pipeline once it has trained
-    noop = [measure(["dvc", "repro", *target], repo, log) for _ in range(3)]
-    seconds = sorted(s for s, _ in noop)[1]
-    row["no-op dvc repro"] = {"seconds": round(seconds, 2), "peak_rss_mb": round(noop[1][1])}
+    if "no-op dvc repro" not in row:
+        target = [] if train else [stages[-1]]  # the whole pipeline once it has trained
+        noop = [measure(["dvc", "repro", *target], repo, log) for _ in range(3)]
+        seconds = sorted(s for s, _ in noop)[1]
+        row["no-op dvc repro"] = {"seconds": round(seconds, 2), "peak_rss_mb": round(noop[1][1])}
     shard_mb = [p.stat().st_size / 1e6 for p in (repo / "data" / "split").glob("*.tfrecord")]
     row["shards"] = {"files": len(shard_mb), "largest_mb": round(max(shard_mb), 1)}
     save(work, results)
