@@ -237,15 +237,10 @@ def load_arrays(
     split_dir: str | Path, split: str, image_size: int
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """The whole split in memory: images (N,S,S,3) float32 0-255, labels, patients and paths."""
-    xs, ys, patients, paths = [], [], [], []
-    for x, y, p, f in iter_batches(split_dir, split, image_size):
-        xs.append(x)
-        ys.append(y)
-        patients += p
-        paths += f
-    if not xs:
-        return np.zeros((0, image_size, image_size, 3), np.float32), np.zeros(0, np.int64), [], []
-    return np.concatenate(xs), np.concatenate(ys), patients, paths
+    y, patients, paths, out = stream_split(split_dir, split, image_size, {"x": lambda x: x})
+    if len(y) == 0:
+        return np.zeros((0, image_size, image_size, 3), np.float32), y, [], []
+    return out["x"], y, patients, paths
 
 
 def split_arrays(
