@@ -1,4 +1,4 @@
-"""Predict throughput (images/s) of Keras and TFLite int8 on the real dev cells, 1 and 2 threads.
+"""Predict throughput (images/s) of Keras, Keras with TTA and TFLite int8 on real cells.
 
     python bench/predict.py [--model models/compact_cnn/model.keras] [--limit 2000]
 
@@ -9,7 +9,9 @@ TFLite interpreter takes `num_threads` directly but runs in a worker too, so eve
 measured the same way. Images are decoded and resized once, exactly as `medimg predict`
 does, and handed to the workers as a .npy file, so the rows measure the model alone; the
 decode row is the preprocessing cost per image on one core. Each worker runs one untimed warm-up
-batch, then one timed pass over all images in batches of `--batch-size`.
+batch, then one timed pass over all images in batches of `--batch-size`. The TTA rows score
+through `medimg.scoring.probabilities(..., tta=True)`, the path evaluate, predict and serving
+share (the mean over 8 flips/rotations), so they show what `evaluate.tta=true` costs.
 
 Without `--model`, `models/compact_cnn/model.keras` is used when the train stage left one,
 else a freshly built, untrained compact_cnn (same graph and cost, meaningless outputs); the
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use at most N cells (all: 6000)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", default="1,2", help="comma-separated (default: %(default)s)")
-    p.add_argument("--worker", choices=("keras", "tflite"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("keras", "keras-tta", "tflite"), help=argparse.SUPPRESS)
     p.add_argument("--images", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--n-threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -65,7 +67,7 @@ def timed_pass(predict, images: np.ndarray, batch_size: int) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     images = np.load(args.images)
-    if args.worker == "keras":
+    if args.worker in ("keras", "keras-tta"):
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.n_threads)
@@ -74,7 +76,8 @@ def worker(args: argparse.Namespace) -> None:
         from medimg.scoring import probabilities
 
         model = load_model(args.model_file)
-        rate = timed_pass(lambda x: probabilities(model, x), images, args.batch_size)
+        tta = args.worker == "keras-tta"
+        rate = timed_pass(lambda x: probabilities(model, x, tta=tta), images, args.batch_size)
     else:
         from medimg.analysis.edge import TFLiteModel
 
@@ -176,6 +179,15 @@ def main(argv: list[str] | None = None) -> None:
         for n in threads:
             rows.append(
                 ("keras", str(n), str(batch), run_worker("keras", n, npy, model_file, batch))
+            )
+        for n in threads:
+            rows.append(
+                (
+                    "keras + TTA",
+                    str(n),
+                    str(batch),
+                    run_worker("keras-tta", n, npy, model_file, batch),
+                )
             )
         for n in threads:
             rows.append(

@@ -98,10 +98,14 @@ def prepare(base: dict, work: Path) -> None:
     split(params)
 
 
-def copy_baseline(work: Path, name: str) -> None:
-    """An evaluation-only lever scores the baseline's model: its model and train reports."""
+def copy_model(work: Path, name: str, source: str = "baseline") -> None:
+    """Reuse a trained lever's model and train reports for a run that only changes scoring.
+
+    An evaluation-only lever scores the baseline's model; a combination of one training lever
+    with TTA scores that lever's model, since training it again would repeat the same recipe.
+    """
     for part in ("models", "reports/train"):
-        src, dst = work / "baseline" / part, work / name / part
+        src, dst = work / source / part, work / name / part
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
 
@@ -124,7 +128,15 @@ def val_accuracy(params: Any, size: int, summary: dict) -> dict:
     return bootstrap_ci(y, p, groups, acc, params.evaluate.bootstrap, params.evaluate.ci, 0)
 
 
-def run_lever(base: dict, work: Path, name: str, train: dict, evaluate: dict, trains: bool) -> dict:
+def run_lever(
+    base: dict,
+    work: Path,
+    name: str,
+    train: dict,
+    evaluate: dict,
+    trains: bool,
+    source: str = "baseline",
+) -> dict:
     from medimg.evaluate import run as evaluate_run
     from medimg.io import read_json
     from medimg.train import fit
@@ -134,7 +146,7 @@ def run_lever(base: dict, work: Path, name: str, train: dict, evaluate: dict, tr
     if trains:
         fit(params, "compact_cnn")
     else:
-        copy_baseline(work, name)
+        copy_model(work, name, source)
     train_metrics = read_json(params.paths.train_reports("compact_cnn") / "metrics.json")
     summary = evaluate_run(params, "compact_cnn")
     size = read_json(params.paths.train_run("compact_cnn"))["image_size"]
@@ -209,7 +221,11 @@ def main() -> None:
         )
         key = "best: " + (" + ".join(chosen + (["tta"] if evaluate else [])) or "baseline")
         if key not in rows:
-            rows[key] = run_lever(base, args.work, "best", train, evaluate, bool(chosen))
+            # one training lever: its model is the combination's model, scored with TTA
+            reuse = len(chosen) == 1 and (args.work / chosen[0] / "models").is_dir()
+            source = chosen[0] if reuse else "baseline"
+            trains = bool(chosen) and not reuse
+            rows[key] = run_lever(base, args.work, "best", train, evaluate, trains, source)
             rows[key]["lever"] = key
             results_file.write_text(json.dumps(rows, indent=2))
     print(f"\ncompact_cnn on {args.zip.name}, patient split, {args.epochs} epochs")
