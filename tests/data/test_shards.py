@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,6 +41,32 @@ def test_shard_count_follows_bytes():
     assert shard_count(100_000_000, 100) == 1
     assert shard_count(100_000_001, 100) == 2
     assert shard_count(5_800_000_000, 100) == 58  # OCT2017's 5.8 GB
+
+
+WRITE_IN_A_CHILD = """
+import sys
+from pathlib import Path
+import pandas as pd
+from medimg.data.shards import write_shards
+images = {f"cell_images/c{i % 2}/img{i}.png": bytes([i]) * 50 for i in range(12)}
+frame = pd.DataFrame(
+    [{"path": p, "label": i % 2, "patient": f"P{i // 3}", "split": "train"}
+     for i, p in enumerate(images)]
+)
+write_shards(frame, images, Path(sys.argv[1]), shard_mb=100, seed=3)
+"""
+
+
+def test_shards_are_byte_identical_whatever_the_hash_seed(tmp_path):
+    """The same split must give the same files (and dvc.lock hash) on every machine."""
+    contents = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        out.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        subprocess.run([sys.executable, "-c", WRITE_IN_A_CHILD, str(out)], env=env, check=True)
+        contents.append((out / "train-000-of-001.tfrecord").read_bytes())
+    assert contents[0] and contents[0] == contents[1]
 
 
 def test_shards_are_sized_in_megabytes(shards):

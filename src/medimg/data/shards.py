@@ -36,7 +36,10 @@ def _example(image: bytes, label: int, patient: str, path: str) -> bytes:
         "patient": b(patient.encode()),
         "path": b(path.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: protobuf map order otherwise follows the process's hash seed, and the
+    # same split would hash differently in dvc.lock on every machine
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
 
 
 def shard_name(split: str, index: int, total: int) -> str:
