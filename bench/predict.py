@@ -176,23 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         int8.write_bytes(to_tflite(model, "int8", representative=images[:CALIBRATION_IMAGES]))
         rows = [("decode+resize", "1", "-", decode_rate)]
         batch, npy = args.batch_size, tmp / "images.npy"
-        for n in threads:
-            rows.append(
-                ("keras", str(n), str(batch), run_worker("keras", n, npy, model_file, batch))
-            )
-        for n in threads:
-            rows.append(
-                (
-                    "keras + TTA",
-                    str(n),
-                    str(batch),
-                    run_worker("keras-tta", n, npy, model_file, batch),
-                )
-            )
-        for n in threads:
-            rows.append(
-                ("tflite int8", str(n), str(batch), run_worker("tflite", n, npy, int8, batch))
-            )
+        engines = (
+            ("keras", "keras", model_file),
+            ("keras + TTA", "keras-tta", model_file),
+            ("tflite int8", "tflite", int8),
+        )
+        for engine, kind, file in engines:
+            for n in threads:
+                rows.append((engine, str(n), str(batch), run_worker(kind, n, npy, file, batch)))
     print(f"model: {origin}, input {size}x{size}; data: {args.zip.name}; cpus: {os.cpu_count()}")
     print(table(rows, len(images)))
     return None

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from scale import REPO, measure
+from scale import git_clone, measure
 
 STAGES = ("download", "validate", "split", "train@compact_cnn", "evaluate@compact_cnn")
 
 
 def clone(dest: Path, patients: int, cells: tuple[int, int], image_size: int) -> None:
     """A clone of the committed repo with the real-data recipe on synthetic cells."""
-    if not (dest / ".git").exists():
-        subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    git_clone(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["dataset"]["synthetic"] |= {"patients": patients, "cells_per_patient": list(cells)}
     params["train"] |= {"architectures": ["compact_cnn"]}

@@ -37,8 +37,8 @@ DATA_STAGES = ("download", "validate", "split")
 MODEL_STAGES = ("train@compact_cnn", "evaluate@compact_cnn", "register")
 
 
-def clone(dest: Path, size: int, image_size: int) -> None:
-    """A clone of the committed repo with params for `size` synthetic OCT images."""
+def git_clone(dest: Path) -> None:
+    """A clone of the committed repo (kept if it exists, so a re-run resumes in it)."""
     if not (dest / ".git").exists():
         subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
         # as a team would for GBs of data: the DVC cache links files instead of copying them
@@ -46,6 +46,11 @@ def clone(dest: Path, size: int, image_size: int) -> None:
         subprocess.run(
             [dvc, "config", "--local", "cache.type", "hardlink,symlink"], cwd=dest, check=True
         )
+
+
+def clone(dest: Path, size: int, image_size: int) -> None:
+    """A clone of the committed repo with params for `size` synthetic OCT images."""
+    git_clone(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["dataset"] |= {"name": "oct2017", "source": "synthetic"}
     params["dataset"]["synthetic_oct"] |= {
