@@ -41,9 +41,11 @@ test-fast: setup ## the tests without the slow/end-to-end ones
 e2e: setup ## only the end-to-end dvc repro test
 	pytest -q -m e2e
 
-lint: setup ## ruff lint + format check
+lint: setup ## ruff lint + format check, import layers (lint-imports), workflow audit (zizmor)
 	ruff check src tests stages bench
 	ruff format --check src tests stages bench
+	lint-imports
+	zizmor --offline .github/workflows/
 
 format: setup ## apply ruff fixes and formatting
 	ruff check --fix src tests stages bench

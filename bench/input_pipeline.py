@@ -126,13 +126,13 @@ def fit_ratio(params, arch: str, size: int, limit: int, rounds: int = 5) -> list
     This CPU's speed drifts by ±30% over a minute (shared host), so timing one input after the
     other measures the drift; alternating epochs and taking medians cancels it.
     """
-    from medimg.data.shards import load_arrays, make_dataset
+    from medimg.data.shards import make_dataset, stream_split
     from medimg.models import build_model
     from medimg.models.augment import build_augmenter, with_augmentation
 
     n = limit // 32 * 32  # whole batches on both sides
-    x, y, _, _ = load_arrays(params.paths.split, "train", size)
-    x, y = x[:n], y[:n].astype("float32")
+    y, _, _, out = stream_split(params.paths.split, "train", size, {"x": lambda x: x})
+    x, y = out["x"][:n], y[:n].astype("float32")
     ds = make_dataset(params.paths.split, "train", size, 32, num_classes=2, training=True, limit=n)
     inputs = {
         "pipeline": (ds, {}),

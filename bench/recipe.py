@@ -115,15 +115,15 @@ def val_accuracy(params: Any, size: int, summary: dict) -> dict:
     import numpy as np
 
     from medimg.analysis.stats import bootstrap_ci
-    from medimg.data.shards import split_arrays
+    from medimg.data.shards import stream_split
     from medimg.models.loading import load_model
     from medimg.scoring import predicted_labels, probabilities
 
-    x, y, groups, _ = split_arrays(params.paths.split, "val", size)
     model = load_model(params.paths.model_file("compact_cnn"))
-    p = probabilities(
-        model, x, tta=params.evaluate.tta, temperature=summary.get("temperature", 1.0)
-    )
+    tta, temperature = params.evaluate.tta, summary.get("temperature", 1.0)
+    score = lambda x: probabilities(model, x, tta=tta, temperature=temperature)  # noqa: E731
+    y, groups, _, out = stream_split(params.paths.split, "val", size, {"p": score})
+    p = out["p"]
     acc = lambda yy, pp: float(np.mean(predicted_labels(pp) == yy))  # noqa: E731
     return bootstrap_ci(y, p, groups, acc, params.evaluate.bootstrap, params.evaluate.ci, 0)
 

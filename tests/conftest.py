@@ -165,6 +165,16 @@ def write_split_dir(params, per_split=(48, 16, 16), classes=("Uninfected", "Para
     return summary
 
 
+def load_arrays(split_dir, split: str, image_size: int):
+    """The whole split in memory: images (N,S,S,3) float32 0-255, labels, patients and paths."""
+    from medimg.data.shards import stream_split
+
+    y, patients, paths, out = stream_split(split_dir, split, image_size, {"x": lambda x: x})
+    if len(y) == 0:
+        return np.zeros((0, image_size, image_size, 3), np.float32), y, [], []
+    return out["x"], y, patients, paths
+
+
 @pytest.fixture
 def split_params(tmp_path: Path):
     """Params with a ready split (80 planted 32-px images) for the train/evaluate tests."""

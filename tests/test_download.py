@@ -7,7 +7,6 @@ and leave the earlier `images.zip` exactly as it was.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import socket
 import sys
@@ -490,12 +489,6 @@ def test_synthetic_failure_keeps_earlier(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_real_synthetic_generator(tmp_path: Path) -> None:
-    if importlib.util.find_spec("medimg.data.synthetic") is None:
-        pytest.skip("medimg.data.synthetic not written yet")
-    from medimg.data import synthetic
-
-    if not hasattr(synthetic, "generate"):
-        pytest.skip("medimg.data.synthetic.generate not written yet")
     small = {"patients": 2, "cells_per_patient": [2, 3], "size_range": [32, 40]}
     summary = run(parse_params(_params(tmp_path, synthetic=small)))
     assert summary["source"] == "synthetic"

@@ -3,12 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medimg.config import EvaluateConfig
-from medimg.data.shards import load_arrays
-from medimg.evaluate import gradcam_picks, predictions_frame, score
+from medimg.analysis.gradcam import gradcam_picks
+from medimg.commands.export import MIN_AGREEMENT
+from medimg.config import EvaluateConfig, SelectionMetric
+from medimg.evaluate import headline, predictions_frame, score
 from medimg.io import read_json
 from medimg.models.loading import load_model
 from medimg.scoring import probabilities
+from tests.conftest import load_arrays
 
 
 def _binary_case(n: int = 400, seed: int = 0):
@@ -28,12 +30,22 @@ def test_score_picks_the_threshold_on_val_and_applies_it_to_test():
     assert op["chosen_on"] == "val" and op["threshold"] < 0.5
     val_sens = np.mean(p_val[y_val == 1] >= op["threshold"])
     assert val_sens >= 0.97
-    assert op["sensitivity"] >= result["sensitivity"]  # lower threshold, more positives
+    assert op["sensitivity"] >= result["at_0.5"]["sensitivity"]  # lower threshold, more calls
     assert result["positive_class"] == "Parasitized"
     for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
         ci = result["ci"][name]
         assert ci["low"] <= result[name] <= ci["high"], name
         assert ci["n_groups"] == 40  # resampled over patients, not cells
+
+
+def test_every_selection_metric_is_in_the_summary_register_ranks():
+    """`register.metric` accepts exactly what a binary evaluation's summary.json holds."""
+    y_val, p_val, _ = _binary_case(seed=1)
+    y, p, groups = _binary_case(seed=2)
+    cfg = EvaluateConfig(bootstrap=20)
+    result = score(y, p, y_val, p_val, groups, ["Uninfected", "Parasitized"], cfg, seed=0)
+    summary = headline(result, {"params": 10}, {})
+    assert all(isinstance(summary[m], float) for m in SelectionMetric), summary
 
 
 def test_score_multiclass_has_macro_and_per_class():
@@ -87,6 +99,9 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
 
     params = tiny_params(
         tmp_path,
+        # trained until it separates the planted squares: the int8 parity below is then a
+        # property of the conversion, not of probabilities that all sit at 0.5
+        train={"epochs": 30, "learning_rate": 0.03},
         evaluate={
             "bootstrap": 100,
             "gradcam_examples": 4,
@@ -101,7 +116,11 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
     metrics = read_json(out / "summary.json")
     assert metrics == flat
     assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy_ci"][0] <= metrics["accuracy"]
-    assert metrics["int8_bytes"] > 0 and 0 <= metrics["int8_agreement"] <= 1
+    # the int8 file evaluate reports on would pass `medimg export`'s parity floor
+    assert metrics["int8_bytes"] > 0 and metrics["int8_agreement"] >= MIN_AGREEMENT
+    # images on which int8 and Keras decide alike are right or wrong for both
+    drift = abs(metrics["int8_accuracy"] - metrics["accuracy"])
+    assert drift <= 1 - metrics["int8_agreement"] + 1e-9
     compared = read_json(params.paths.eval_metrics("tiny"))  # what dvc exp show lists
     assert set(compared) == {
         *(
@@ -114,7 +133,12 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
         "temperature",
         "keras_bytes",
         "int8_accuracy",
+        "threshold",
+        "accuracy_at_0.5",
+        "sensitivity_at_0.5",
+        "specificity_at_0.5",
     }
+    assert compared["threshold"] == read_json(out / "details.json")["operating_point"]["threshold"]
     assert compared["accuracy_ci_low"] == metrics["accuracy_ci"][0]
     assert compared["int8_accuracy"] == metrics["int8_accuracy"]
     for name in (
@@ -170,6 +194,14 @@ def test_evaluate_stage_writes_reports_and_logs_into_the_training_run(tmp_path):
     rows = served.predict(x[:5])
     np.testing.assert_allclose(rows["p_Parasitized"], expected, rtol=1e-5)
     assert rows["threshold"].iloc[0] == pytest.approx(details["operating_point"]["threshold"])
+    # patient-level diagnosis (medimg.analysis.patient): one row per test patient, the patient
+    # threshold chosen on val and stored with the served model for `predict --by-patient`
+    patient = metrics["patient_level"]
+    assert patient == details["patient_level"] and patient["chosen_on"] == "val"
+    assert 0 <= patient["patient_sensitivity"] <= 1 and len(patient["parasitemia_mae_ci"]) == 2
+    per_patient = (out / "patients.csv").read_text().splitlines()
+    assert per_patient[0].startswith("patient,cells,") and len(per_patient) == patient["patients"] + 1
+    assert served.model_config["patient_threshold"] == patient["patient_threshold"]
     assert "eval" in {a.path for a in client.list_artifacts(trained["run_id"])}
 
 
@@ -192,3 +224,64 @@ def test_bootstrap_lower_threshold_keeps_the_target_for_new_patients():
     p2 = np.clip(0.5 * y2 + rng.normal(0.25, 0.2, len(y2)), 0, 1)
     sens = lambda t: float(np.mean(p2[y2 == 1] >= t))  # noqa: E731
     assert sens(lower) > sens(point)  # the point estimate over-promises on new patients
+
+
+def test_headline_is_the_served_decision_with_the_0_5_figures_beside():
+    """The headline (summary.json, reports/eval/<arch>.json, the gate) is what the served
+    model decides: rates and patient-bootstrap CIs at the operating threshold, 0.5 labelled."""
+    from medimg.evaluate import confidence_intervals, dvc_metrics
+
+    y_val, p_val, _ = _binary_case(seed=1)
+    y, p, groups = _binary_case(seed=2)
+    cfg = EvaluateConfig(target_sensitivity=0.97, bootstrap=100)
+    result = score(y, p, y_val, p_val, groups, ["Uninfected", "Parasitized"], cfg, seed=0)
+    t = result["operating_point"]["threshold"]
+    assert t < 0.5 and result["threshold"] == t
+    called, pos = p >= t, y == 1
+    assert result["accuracy"] == pytest.approx(np.mean(called == pos))
+    assert result["sensitivity"] == pytest.approx(np.mean(called[pos]))
+    assert result["specificity"] == pytest.approx(np.mean(~called[~pos]))
+    half = result["at_0.5"]
+    assert half["accuracy"] == pytest.approx(np.mean((p >= 0.5) == pos))
+    assert half["sensitivity"] < result["sensitivity"]  # the lower threshold calls more
+    assert result["ci"] == confidence_intervals(y, p, groups, cfg, 0, t)
+    flat = headline(result, {"params": 10}, {})
+    assert flat["threshold"] == t and flat["accuracy"] == result["accuracy"]
+    assert {flat[f"{k}_at_0.5"] for k in ("accuracy", "sensitivity")} == {
+        half["accuracy"],
+        half["sensitivity"],
+    }
+    compared = dvc_metrics(flat)
+    assert compared["threshold"] == t and compared["sensitivity"] == result["sensitivity"]
+    assert compared["specificity_at_0.5"] == half["specificity"]
+
+
+def _overlapping_cells(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real cells' shape: a few infected cells score like uninfected ones (a heavy low tail)."""
+    y = rng.integers(0, 2, n)
+    hard = rng.random(n) < 0.08
+    pos = np.where(hard, rng.beta(2, 8, n), rng.beta(8, 2, n))
+    return y, np.where(y == 1, pos, rng.beta(2, 6, n))
+
+
+def test_optimism_rule_holds_the_target_on_new_patients_for_less_specificity():
+    """Over repeated val sets of 20 patients, `optimism` keeps the mean sensitivity on the
+    population at the target (point falls short of it) and gives away far less specificity
+    than `bootstrap_lower`."""
+    from medimg.evaluate import operating_threshold, sensitivity_optimism
+
+    y_new, p_new = _overlapping_cells(np.random.default_rng(123), 40000)
+    groups = list(np.repeat([f"P{i}" for i in range(20)], 20))
+    rates: dict[str, list[tuple[float, float]]] = {}
+    for draw in range(12):
+        y, p = _overlapping_cells(np.random.default_rng(draw), len(groups))
+        assert sensitivity_optimism(y, p, groups, 0.95, 50, seed=0) >= 0
+        for rule in ("point", "bootstrap_lower", "optimism"):
+            cfg = EvaluateConfig(threshold_rule=rule, bootstrap=100)
+            t, how = operating_threshold(y, p, groups, cfg, seed=0)
+            assert t <= how["point_threshold"]
+            sens, spec = np.mean(p_new[y_new == 1] >= t), np.mean(p_new[y_new == 0] < t)
+            rates.setdefault(rule, []).append((sens, spec))
+    mean = {rule: np.mean(v, axis=0) for rule, v in rates.items()}
+    assert mean["optimism"][0] >= 0.95 > mean["point"][0]
+    assert mean["optimism"][1] > mean["bootstrap_lower"][1] + 0.1

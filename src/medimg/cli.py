@@ -104,6 +104,16 @@ COMMANDS: dict[str, tuple[str, Handler] | tuple[str, Handler, AddArguments]] = {
         "move the champion alias back to the previous version",
         _lazy("gate", "run_rollback"),
     ),
+    "history": (
+        "the audit trail of the registered model: who moved what, when, why (newest first)",
+        _lazy("history"),
+        _arguments("history"),
+    ),
+    "card": (
+        "print or write a registered version's model card (markdown, or --json)",
+        _lazy("card"),
+        _arguments("card"),
+    ),
     "predict": (
         "classify image files with a registered model (exit 1 if any file failed)",
         _lazy("predict"),

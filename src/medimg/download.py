@@ -25,14 +25,14 @@ import urllib3
 
 from medimg.config import ArchiveLimits, DatasetConfig, Params
 from medimg.data.archive import Member, archive_kind, iter_members, scan
-from medimg.errors import DataError
+from medimg.data.packing import write_zip
+from medimg.errors import DataError, error_line
 from medimg.io import atomic_path
 from medimg.io import progress as progress_bar
 
 CHUNK = 1 << 20
 BACKOFF_S = 1.0  # first retry delay; doubles per attempt (tests shrink it)
 MAX_BACKOFF_S = 60.0
-ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed entry time: a re-pack of the same data is byte-equal
 _TRANSIENT = (requests.RequestException, urllib3.exceptions.HTTPError)
 
 
@@ -132,11 +132,6 @@ def _attempt(url: str, part: Path, size: int, timeout: float, progress: bool) ->
         _stream(resp, part, mode, size, progress)
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _download(
     url: str, part: Path, *, size: int, retries: int, timeout: float, progress: bool, backoff: float
 ) -> None:
@@ -148,11 +143,11 @@ def _download(
         except (_Retry, *_TRANSIENT) as err:
             if attempt == attempts:
                 raise DataError(
-                    f"{url}: download failed after {attempts} attempt(s): {_one_line(err)}"
+                    f"{url}: download failed after {attempts} attempt(s): {error_line(err)}"
                 ) from None
             delay = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S)
             print(
-                f"download: attempt {attempt}/{attempts} failed ({_one_line(err)}); "
+                f"download: attempt {attempt}/{attempts} failed ({error_line(err)}); "
                 f"retrying in {delay:g}s",
                 file=sys.stderr,
             )
@@ -242,18 +237,8 @@ def _from_url(ds: DatasetConfig, dest: Path, progress: bool) -> list[Member]:
 # --- local and re-packing --------------------------------------------------------------------
 
 
-def _zip_info(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
-    info.compress_type = zipfile.ZIP_STORED
-    info.create_system = 3  # the default depends on the OS the zip is written on
-    info.external_attr = 0o100644 << 16
-    return info
-
-
 def _write_zip(dest: Path, members: Iterable[tuple[Member, bytes]]) -> None:
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
-        for member, data in members:
-            zf.writestr(_zip_info(member.name), data)
+    write_zip(dest, ((member.name, data) for member, data in members))
 
 
 def _sorted_members(

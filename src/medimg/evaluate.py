@@ -5,11 +5,16 @@ missing an infection costs more than a false alarm) and then applied unchanged t
 the reported sensitivity is an honest estimate. Confidence intervals resample patients, not
 cells, because cells of one patient are not independent. The same numbers go to DVC
 (`reports/eval/<arch>.json`) and into the architecture's MLflow training run.
+
+This module orchestrates: the int8 file and its benchmark are `medimg.analysis.edge`'s, the
+Grad-CAM examples `medimg.analysis.gradcam`'s, logging the served model
+`medimg.classifier_logging`'s. It writes the numbers three ways, each for its reader:
+`details.json` (every metric, nested), `summary.json` (the flat headline numbers, for register
+and compare.md) and `reports/eval/<arch>.json` (what `dvc metrics`/`exp show` compare).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +22,26 @@ import numpy as np
 import pandas as pd
 
 from medimg import tracking
-from medimg.analysis import metrics as M
-from medimg.analysis import stats as S
 from medimg.analysis.calibration import apply_temperature, fit_temperature
-from medimg.analysis.edge import (
-    TFLiteModel,
-    compare_edge,
-    images_per_second,
-    lite_probabilities,
-    representative_indices,
-    to_tflite,
+from medimg.analysis.edge import TFLiteModel, edge_benchmark, edge_model, lite_probabilities
+from medimg.analysis.gradcam import gradcam_examples
+from medimg.analysis.metrics import (
+    binary_metrics,
+    expected_calibration_error,
+    multiclass_metrics,
+    threshold_for_sensitivity,
 )
+from medimg.analysis.patient import evaluate_patients
+from medimg.analysis.slice_eval import evaluate_slices, slices_csv_path, write_slices
+from medimg.analysis.slices import tracked_metrics
+from medimg.analysis.stats import bootstrap_ci, rank_auc
+from medimg.classifier_logging import ServingConfig, log_classifier
 from medimg.config import EvaluateConfig, Params
 from medimg.data.shards import stream_split, take_images
 from medimg.errors import DataError
 from medimg.io import atomic_dir, read_json, write_json, write_text
 from medimg.models.loading import load_model
 from medimg.scoring import predicted_labels, probabilities
-from medimg.serving import ServingConfig, log_serving_model
 
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
@@ -52,7 +59,7 @@ def _ci_fn(name: str, threshold: float, binary: bool):
         "accuracy": lambda y, p: float(np.mean((p >= threshold) == y)),
         "sensitivity": lambda y, p: _rate(y, (p >= threshold).astype(int), 1),
         "specificity": lambda y, p: _rate(y, (p >= threshold).astype(int), 0),
-        "roc_auc": S.rank_auc,
+        "roc_auc": rank_auc,
     }
     return fns[name]
 
@@ -69,7 +76,7 @@ def confidence_intervals(
     binary = probs.ndim == 1
     names = CI_METRICS if binary else ("accuracy",)
     return {
-        name: S.bootstrap_ci(
+        name: bootstrap_ci(
             y, probs, groups, _ci_fn(name, threshold, binary), cfg.bootstrap, cfg.ci, seed
         )
         for name in names
@@ -85,22 +92,63 @@ def operating_threshold(
 ) -> tuple[float, dict[str, Any]]:
     """The threshold for `evaluate.target_sensitivity`, and how it was chosen.
 
-    `point`: the highest threshold reaching the target on val. `bootstrap_lower` (default):
-    the lower (1 - ci) / 2 percentile of that threshold over a patient bootstrap of val, so
-    the target still holds for a new set of patients, not just for these 20-odd.
+    `point`: the highest threshold reaching the target on val. `bootstrap_lower`: the lower
+    (1 - ci) / 2 percentile of that threshold over a patient bootstrap of val, so the target
+    still holds for a new set of patients, not just for these 20-odd. `optimism`: the point
+    threshold for the target raised by the shortfall a patient bootstrap predicts (see
+    `sensitivity_optimism`): on average the target holds on new patients, without the
+    specificity the lower percentile gives away.
     """
     target = cfg.target_sensitivity
-    point = M.threshold_for_sensitivity(y_val, p_val, target)
+    point = threshold_for_sensitivity(y_val, p_val, target)
     rule = {"rule": cfg.threshold_rule, "point_threshold": point}
     if cfg.threshold_rule == "point" or cfg.bootstrap == 0:
         return point, rule
+    if cfg.threshold_rule == "optimism":
+        optimism = sensitivity_optimism(y_val, p_val, groups, target, cfg.bootstrap, seed)
+        corrected = min(1.0, target + optimism)
+        threshold = min(threshold_for_sensitivity(y_val, p_val, corrected), point)
+        return threshold, rule | {"optimism": optimism, "corrected_target": corrected}
 
     def per_resample(y: np.ndarray, p: np.ndarray) -> float | None:
-        return M.threshold_for_sensitivity(y, p, target) if y.any() else None
+        return threshold_for_sensitivity(y, p, target) if y.any() else None
 
-    boot = S.bootstrap_ci(y_val, p_val, groups, per_resample, cfg.bootstrap, cfg.ci, seed)
+    boot = bootstrap_ci(y_val, p_val, groups, per_resample, cfg.bootstrap, cfg.ci, seed)
     low = boot["low"] if boot["low"] is not None else point
     return float(min(low, point)), rule | {"bootstrap_resamples": boot["n_resamples"]}
+
+
+def patient_resamples(groups: list[str] | None, n_rows: int, n: int, seed: int) -> list[np.ndarray]:
+    """`n` row-index sets, each a draw of whole patients with replacement (every row its own
+    patient when `groups` is None): the unit that varies between val and the clinic."""
+    keys = np.arange(n_rows) if groups is None else np.asarray(groups)
+    _, inverse = np.unique(keys, return_inverse=True)
+    rows = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    rng = np.random.default_rng(seed)
+    return [
+        np.concatenate([rows[g] for g in draw])
+        for draw in rng.integers(0, len(rows), (n, len(rows)))
+    ]
+
+
+def sensitivity_optimism(
+    y: np.ndarray, p: np.ndarray, groups: list[str] | None, target: float, n: int, seed: int
+) -> float:
+    """How much sensitivity a threshold picked for `target` on val loses on new patients
+    (Efron's bootstrap optimism, >= 0): per patient resample, the sensitivity at the threshold
+    picked on the resample minus the same threshold's on the whole of val, averaged. Picking
+    the highest threshold that just reaches the target on the data at hand over-promises."""
+    y, p = np.asarray(y), np.asarray(p)
+    if not y.any():
+        return 0.0
+    gaps = []
+    for rows in patient_resamples(groups, len(y), n, seed):
+        yb, pb = y[rows], p[rows]
+        if not yb.any():
+            continue
+        t = threshold_for_sensitivity(yb, pb, target)
+        gaps.append(np.mean(pb[yb == 1] >= t) - np.mean(p[y == 1] >= t))
+    return float(max(0.0, np.mean(gaps))) if gaps else 0.0
 
 
 def score(
@@ -114,22 +162,38 @@ def score(
     seed: int,
     val_groups: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Pure: every test metric, the operating threshold and its CIs."""
+    """Pure: every test metric, the operating threshold and its CIs.
+
+    Binary: the headline (and its CIs) is at the operating threshold chosen on val, the
+    decision the served model and `medimg predict` make, so the gate judges what is served;
+    the 0.5 figures stay beside it under `at_0.5`. Multi-class: argmax.
+    """
     if p_test.ndim == 2:
-        result = M.multiclass_metrics(y_test, p_test, classes, n_bins=cfg.calibration_bins)
+        result = multiclass_metrics(y_test, p_test, classes, n_bins=cfg.calibration_bins)
         result["ci"] = confidence_intervals(y_test, p_test, groups, cfg, seed, 0.5)
         return result
     threshold, rule = operating_threshold(y_val, p_val, val_groups, cfg, seed)
-    result = M.binary_metrics(y_test, p_test, threshold=0.5, n_bins=cfg.calibration_bins)
+    result = binary_metrics(y_test, p_test, threshold=threshold, n_bins=cfg.calibration_bins)
     result["positive_class"] = classes[1]
     result["operating_point"] = {
         "target_sensitivity": cfg.target_sensitivity,
         "chosen_on": "val",
         **rule,
-        **M.binary_metrics(y_test, p_test, threshold=threshold),
+        **binary_metrics(y_test, p_test, threshold=threshold),
     }
-    result["ci"] = confidence_intervals(y_test, p_test, groups, cfg, seed, 0.5)
+    result["at_0.5"] = at_half(y_test, p_test)
+    result["ci"] = confidence_intervals(y_test, p_test, groups, cfg, seed, threshold)
     return result
+
+
+AT_HALF = ("accuracy", "sensitivity", "specificity", "precision", "f1", "mcc")
+
+
+def at_half(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """The decision rates at 0.5, kept beside the served-threshold headline: how much the
+    operating threshold moves them is what a reader of the headline needs to see."""
+    half = binary_metrics(y, p, threshold=0.5)
+    return {k: half[k] for k in ("threshold", *AT_HALF, "confusion_matrix")}
 
 
 def predictions_frame(
@@ -159,78 +223,6 @@ def predictions_frame(
     return frame
 
 
-def gradcam_picks(
-    y: np.ndarray, probs: np.ndarray, cls: int, n: int
-) -> tuple[list[int], list[int]]:
-    """The worst misclassified images of true class `cls` (most confident wrong), then the
-    most confident correct ones, n in all."""
-    pred = predicted_labels(probs)
-    conf = np.where(probs >= 0.5, probs, 1 - probs) if probs.ndim == 1 else probs.max(1)
-    idx = np.flatnonzero(y == cls)
-    wrong = idx[pred[idx] != cls]
-    right = idx[pred[idx] == cls]
-    wrong = wrong[np.argsort(-conf[wrong])][: max(n // 2, n - len(right))]
-    right = right[np.argsort(-conf[right])][: n - len(wrong)]
-    return wrong.tolist(), right.tolist()
-
-
-def gradcam_figures(
-    model: Any,
-    images: Callable[[list[int]], np.ndarray],
-    y: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
-    n: int,
-) -> dict[str, Any]:
-    """Grad-CAM grids of the picked test images; `images(indices)` decodes just those."""
-    from medimg.analysis.gradcam import grad_cam
-    from medimg.analysis.plots import gradcam_grid
-
-    figures = {}
-    pred = predicted_labels(probs)
-    for cls, name in enumerate(classes):
-        wrong, right = gradcam_picks(y, probs, cls, n)
-        picks = wrong + right
-        if not picks:
-            continue
-        x = images(picks)
-        heat = grad_cam(model, x)
-        titles = [f"{'WRONG' if i in wrong else 'ok'}: {name} → {classes[pred[i]]}" for i in picks]
-        figures[name] = gradcam_grid(x / 255.0, heat, titles)
-    return figures
-
-
-def int8_file(model: Any, params: Params, size: int, n_train: int) -> tuple[bytes, TFLiteModel]:
-    """The int8 TFLite file, calibrated on a seeded sample of training images (decoded alone)."""
-    cfg = params.evaluate
-    picks = representative_indices(n_train, cfg.representative_samples, params.seed)
-    calibration = take_images(params.paths.split, "train", size, picks.tolist())
-    content = to_tflite(model, "int8", representative=calibration)
-    return content, TFLiteModel(content, threads=1)
-
-
-def edge_figures(
-    model: Any,
-    bench: np.ndarray,
-    y_test: np.ndarray,
-    keras_probs: np.ndarray,
-    lite: tuple[bytes, TFLiteModel, np.ndarray] | None,
-) -> tuple[dict[str, Any], bytes | None]:
-    """TFLite int8 size, accuracy against the float model, and single-thread images/s."""
-    keras_ips = images_per_second(model.predict_on_batch, bench, batch_size=32, min_seconds=1.0)
-    result: dict[str, Any] = {"keras_cpu_images_per_s": round(keras_ips, 1)}
-    if lite is None:
-        return result, None
-    check = compare_edge(*lite, keras_probs, y_test)
-    result |= {
-        "int8_bytes": check.size,
-        "int8_accuracy": check.accuracy,
-        "int8_agreement": check.agreement,
-        "int8_images_per_s_1thread": round(images_per_second(check.lite.predict, bench[:64]), 1),
-    }
-    return result, check.content
-
-
 def write_plots(
     out: Path,
     result: dict,
@@ -238,10 +230,11 @@ def write_plots(
     probs: np.ndarray,
     classes: list[str],
     cfg: EvaluateConfig,
-    figures: dict[str, Any],
+    gradcams: dict[str, tuple[np.ndarray, np.ndarray, list[str]]],
     train_reports: Path,
 ) -> None:
     from medimg.analysis.plots import (
+        gradcam_grid,
         plot_confusion_matrix,
         plot_pr,
         plot_reliability,
@@ -254,8 +247,8 @@ def write_plots(
     save_figure(plot_roc(y, probs, names), out / "roc.png")
     save_figure(plot_pr(y, probs, names), out / "pr.png")
     save_figure(plot_reliability(y, probs, n_bins=cfg.calibration_bins), out / "calibration.png")
-    for name, fig in figures.items():
-        save_figure(fig, out / f"gradcam_{name}.png")
+    for name, (x, heat, titles) in gradcams.items():
+        save_figure(gradcam_grid(x / 255.0, heat, titles), out / f"gradcam_{name}.png")
     curves = train_reports / "learning_curves.png"
     if curves.exists():
         (out / "learning_curves.png").write_bytes(curves.read_bytes())
@@ -272,7 +265,7 @@ def roc_csv(y: np.ndarray, probs: np.ndarray) -> str:
 
 
 def headline(result: dict[str, Any], train: dict[str, Any], edge: dict[str, Any]) -> dict:
-    """The flat numbers `dvc metrics show` and the comparison table use."""
+    """summary.json: every headline number, flat, with CIs as [low, high] (register reads it)."""
     keys = (
         "accuracy",
         "sensitivity",
@@ -286,6 +279,9 @@ def headline(result: dict[str, Any], train: dict[str, Any], edge: dict[str, Any]
         "ece",
     )
     flat = {k: result[k] for k in keys if k in result}
+    if "at_0.5" in result:  # binary: the headline's decision threshold, then the 0.5 figures
+        flat["threshold"] = result["threshold"]
+        flat |= {f"{k}_at_0.5": result["at_0.5"][k] for k in AT_HALF}
     flat |= {f"{k}_ci": [v["low"], v["high"]] for k, v in result["ci"].items()}
     flat |= {"params": train.get("params"), "keras_bytes": train.get("keras_bytes"), **edge}
     calibration = result.get("calibration", {})
@@ -297,14 +293,18 @@ COMPARED = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 
 def dvc_metrics(flat: dict[str, Any]) -> dict[str, Any]:
-    """What `dvc exp show` / `metrics diff` compare: the headline rates with their patient-
-    bootstrap CIs, calibration, size and int8 accuracy (the rest is in summary.json)."""
+    """reports/eval/<arch>.json, what `dvc exp show` / `metrics diff` compare: the headline
+    rates (binary: at the served `threshold`) with their patient-bootstrap CIs (as scalars:
+    DVC tables take no lists), calibration, size, int8 accuracy and, labelled, the rates at
+    0.5 (the rest is in summary.json)."""
     out: dict[str, Any] = {}
     for name in COMPARED:
         low, high = flat.get(f"{name}_ci") or (None, None)
         out |= {name: flat.get(name), f"{name}_ci_low": low, f"{name}_ci_high": high}
     keep = ("ece", "ece_before", "temperature", "keras_bytes", "int8_accuracy")
-    return out | {k: flat.get(k) for k in keep}
+    out |= {k: flat.get(k) for k in keep}
+    served = ("threshold", *(f"{k}_at_0.5" for k in COMPARED[:3]))  # binary only
+    return out | {k: flat[k] for k in served if k in flat}
 
 
 def calibrated(
@@ -332,8 +332,17 @@ def scored_splits(
     scorers = {"raw": served}
     if cfg.tta:
         scorers["plain"] = lambda x: probabilities(model, x)
-    edge = int8_file(model, params, size, info["images"]["train"]) if cfg.tflite_int8 else None
-    if edge is not None:
+    edge = None
+    if cfg.tflite_int8:  # calibrated on a seeded sample of training images
+        edge = edge_model(
+            model,
+            "int8",
+            split_dir=split,
+            size=size,
+            n_train=info["images"]["train"],
+            samples=cfg.representative_samples,
+            seed=params.seed,
+        )
         scorers["int8"] = lambda x: lite_probabilities(edge[1], x)
     y, patients, img_paths, test = stream_split(split, "test", size, scorers)
     test.setdefault("plain", test["raw"])
@@ -362,19 +371,36 @@ def run(params: Params, arch: str) -> dict[str, Any]:
     )
     result["calibration"] = {
         "temperature": temperature,
-        "ece_before": M.expected_calibration_error(y, scored["raw"], cfg.calibration_bins),
+        "ece_before": expected_calibration_error(y, scored["raw"], cfg.calibration_bins),
         "ece_after": result["ece"],
         "tta": cfg.tta,
     }
     images = lambda picks: take_images(paths.split, "test", size, picks)  # noqa: E731
     bench = images(list(range(min(cfg.benchmark_images, len(y)))))
     lite = None if edge_file is None else (*edge_file, scored["int8"])
-    edge, int8 = edge_figures(model, bench, y, scored["plain"], lite)
-    figures = gradcam_figures(model, images, y, probs, classes, cfg.gradcam_examples)
+    edge, int8 = edge_benchmark(model, bench, y, scored["plain"], lite)
+    gradcams = gradcam_examples(model, images, y, probs, classes, cfg.gradcam_examples)
 
+    patient_rows = None
+    if probs.ndim == 1:  # a smear's diagnosis (medimg.analysis.patient): binary only
+        result["patient_level"], patient_rows = evaluate_patients(
+            (scored["val_patients"], y_val, p_val),
+            (patients, y, probs),
+            result["operating_point"]["threshold"],
+            cfg.patient.target_sensitivity,
+            cfg.patient.threshold_rule,
+            cfg.bootstrap,
+            cfg.ci,
+            params.seed,
+        )
     flat = headline(result, train_metrics, edge)
+    if "patient_level" in result:
+        flat["patient_level"] = result["patient_level"]
     out = paths.eval_reports(arch)
     point = result.get("operating_point", {})
+    slices = evaluate_slices(
+        paths.split, scored, probs, classes, float(point.get("threshold", 0.5)), cfg, params.seed
+    )
     serving = ServingConfig(
         classes=list(classes),
         image_size=size,
@@ -382,45 +408,49 @@ def run(params: Params, arch: str) -> dict[str, Any]:
         tta=cfg.tta,
         temperature=temperature,
         max_image_pixels=params.dataset.limits.max_image_pixels,
+        patient_threshold=result.get("patient_level", {}).get("patient_threshold"),
     )
-    run_info = _log_model(params, run_info, paths.model_file(arch), serving, bench[:2])
+    tracking.configure(params.mlflow, params.dataset.name)
+    uri, model_id = log_classifier(
+        paths.model_file(arch), serving, bench[:2], run_id=run_info["run_id"]
+    )
+    run_info = {**run_info, "model_uri": uri, "model_id": model_id}
     with atomic_dir(out) as tmp:
-        write_plots(tmp, result, y, probs, classes, cfg, figures, paths.train_reports(arch))
+        write_plots(tmp, result, y, probs, classes, cfg, gradcams, paths.train_reports(arch))
         if int8 is not None:
             (tmp / "model_int8.tflite").write_bytes(int8)
         write_json(tmp / "details.json", {**result, "edge": edge, "architecture": arch})
         write_json(tmp / "run.json", run_info)  # what register reads: inside this stage's out
         write_json(tmp / "summary.json", flat)  # every headline number, for compare.md
-    frame = predictions_frame(scored["paths"], patients, y, probs, classes, 0.5)
+        write_slices(tmp, slices_csv_path(out), slices)  # slices.json, the worst-first plot
+        if patient_rows is not None:
+            write_text(tmp / "patients.csv", patient_rows.to_csv(index=False))
+    frame = predictions_frame(scored["paths"], patients, y, probs, classes, serving.threshold)
     write_text(paths.eval_predictions(arch), frame.to_csv(index=False))
     write_text(paths.eval_roc(arch), roc_csv(y, probs))
     write_json(paths.eval_metrics(arch), dvc_metrics(flat))
     files = [*sorted(out.iterdir()), paths.eval_predictions(arch), paths.eval_roc(arch)]
-    _log(params, run_info, flat, files, info["fingerprint"])
+    _log_test_results(params, run_info, flat, files, info["fingerprint"])
+    if slices is not None:  # slice/<name>/<metric>
+        with tracking.run(run_id=run_info["run_id"]):
+            tracking.log_metrics(tracked_metrics(slices), model_id=run_info.get("model_id"))
+    at = f" at threshold {flat['threshold']:.4f}" if "threshold" in flat else ""
     print(
-        f"evaluate {arch}: accuracy {flat['accuracy']:.4f} "
+        f"evaluate {arch}: accuracy {flat['accuracy']:.4f}{at} "
         f"CI {flat['accuracy_ci']} on {len(y)} test images (T={temperature:.3f}, "
         f"ECE {result['calibration']['ece_before']:.4f} → {flat['ece']:.4f})"
     )
     return flat
 
 
-def _log_model(
-    params: Params, run_info: dict, keras_file: Path, serving: ServingConfig, example: np.ndarray
-) -> dict[str, Any]:
-    """The served model into the training run; `run_info` with its URI and id added."""
-    tracking.configure(params.mlflow, params.dataset.name)
-    with tracking.run(run_id=run_info["run_id"]):
-        uri, model_id = log_serving_model(keras_file, serving, example)
-    return {**run_info, "model_uri": uri, "model_id": model_id}
-
-
 SIZES = ("params", "keras_bytes", "int8_bytes")  # counts: tags (a re-evaluation may change them)
 
 
-def _log(params: Params, run_info: dict, flat: dict, files: list[Path], fingerprint: str) -> None:
-    """The test numbers into the training run, linked to its logged model and the split."""
-    tracking.configure(params.mlflow, params.dataset.name)
+def _log_test_results(
+    params: Params, run_info: dict, flat: dict, files: list[Path], fingerprint: str
+) -> None:
+    """The test numbers into the training run (store configured by `run`), linked to its
+    logged model and the split."""
     paths = params.paths
     with tracking.run(run_id=run_info["run_id"]):
         dataset = tracking.split_dataset(paths.split_manifest, params.dataset.name, fingerprint)

@@ -20,8 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from medimg import tracking
-from medimg.config import GateConfig, Params
+from medimg import governance, tracking
+from medimg.analysis.slices import gate_slices, with_slice_checks, worst_markdown
+from medimg.config import GateConfig, Params, SelectionMetric
 from medimg.errors import DataError
 from medimg.io import read_json, write_json, write_text
 
@@ -39,12 +40,17 @@ def load_reports(params: Params) -> dict[str, dict[str, Any]]:
     return reports
 
 
-def rank(reports: dict[str, dict[str, Any]], metric: str) -> list[str]:
-    """Best first by `metric`; ties go to the smaller model (the edge goal)."""
+def rank(reports: dict[str, dict[str, Any]], metric: SelectionMetric | str) -> list[str]:
+    """Best first by `metric` in its own direction (highest accuracy, lowest ECE or Brier
+    score); ties go to the smaller model (the edge goal)."""
+    metric = SelectionMetric(metric)
     for arch, rep in reports.items():
         if rep.get(metric) is None:
-            raise DataError(f"register.metric: {metric!r} is not in reports/eval/{arch}.json")
-    return sorted(reports, key=lambda a: (-reports[a][metric], reports[a].get("params") or 0))
+            raise DataError(
+                f"register.metric: {metric.value!r} is not in reports/eval/{arch}/summary.json"
+            )
+    sign = 1 if metric.lower_is_better else -1
+    return sorted(reports, key=lambda a: (sign * reports[a][metric], reports[a].get("params") or 0))
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -58,16 +64,18 @@ def _mb(size: int | None) -> float | None:
 def compare_markdown(reports: dict[str, dict[str, Any]], order: list[str], metric: str) -> str:
     """The comparison table of every architecture, sorted by the selection metric."""
     head = (
-        "| # | architecture | accuracy [95% CI] | sensitivity | specificity | ROC AUC | ECE "
+        "| # | architecture | threshold | accuracy [95% CI] | sensitivity | specificity "
+        "| accuracy / sens / spec at 0.5 | ROC AUC | ECE "
         "| params | .keras MB | int8 MB | int8 acc | Keras img/s | int8 img/s (1 thread) |"
     )
-    lines = [f"# Architecture comparison (sorted by test {metric})", "", head, "|" + "---|" * 13]
+    lines = [f"# Architecture comparison (sorted by test {metric})", "", head, "|" + "---|" * 15]
     for i, arch in enumerate(order, 1):
         r = reports[arch]
         lo, hi = r.get("accuracy_ci", [None, None])
         lines.append(
-            f"| {i} | {arch} | {_fmt(r['accuracy'])} [{_fmt(lo)}, {_fmt(hi)}] "
-            f"| {_fmt(r.get('sensitivity'))} | {_fmt(r.get('specificity'))} "
+            f"| {i} | {arch} | {_fmt(r.get('threshold'))} "
+            f"| {_fmt(r['accuracy'])} [{_fmt(lo)}, {_fmt(hi)}] "
+            f"| {_fmt(r.get('sensitivity'))} | {_fmt(r.get('specificity'))} | {_at_half(r)} "
             f"| {_fmt(r.get('roc_auc'))} | {_fmt(r.get('ece'))} | {_fmt(r.get('params'), ',')} "
             f"| {_fmt(_mb(r.get('keras_bytes')), '.2f')} | {_fmt(_mb(r.get('int8_bytes')), '.3f')} "
             f"| {_fmt(r.get('int8_accuracy'))} | {_fmt(r.get('keras_cpu_images_per_s'), '.0f')} "
@@ -75,11 +83,19 @@ def compare_markdown(reports: dict[str, dict[str, Any]], order: list[str], metri
         )
     lines += [
         "",
-        "Accuracy intervals: patient-level bootstrap. Sensitivity/specificity at 0.5; "
-        "the operating point chosen on validation is in reports/eval/<arch>/details.json.",
+        "Accuracy, sensitivity and specificity are at `threshold`, the operating threshold "
+        "chosen on validation that the served model and `medimg predict` apply (the gate "
+        "judges them); the 0.5 column is for comparison only. Accuracy intervals: "
+        "patient-level bootstrap at that threshold.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _at_half(report: dict[str, Any]) -> str:
+    """`acc / sens / spec` at 0.5, or – (multi-class: argmax, no threshold)."""
+    values = [report.get(f"{k}_at_0.5") for k in GATED]
+    return "–" if all(v is None for v in values) else " / ".join(_fmt(v) for v in values)
 
 
 def paired_test(candidate_csv: Path, champion_csv: Path | None) -> dict[str, Any] | None:
@@ -117,7 +133,8 @@ def decide(
         ok = value is not None and value >= floor
         checks.append({"check": f"min_{name}", "value": value, "bound": floor, "passed": ok})
         if not ok:
-            reasons.append(f"test {name} {_fmt(value)} is below gate.min_{name} {floor}")
+            at = _served_at(candidate)
+            reasons.append(f"test {name} {_fmt(value)}{at} is below gate.min_{name} {floor}")
     if champion is not None:
         drop = champion["accuracy"] - candidate["accuracy"]
         ok = drop <= cfg.max_regression
@@ -157,6 +174,12 @@ def decide(
     return {"passed": not reasons, "checks": checks, "reasons": reasons}
 
 
+def _served_at(report: dict[str, Any]) -> str:
+    """` at the served threshold 0.0690` where the report has one (binary), else ``."""
+    t = report.get("threshold")
+    return "" if t is None else f" at the served threshold {t:.4f}"
+
+
 def _champion_state(name: str, fingerprint: str, tmp: Path) -> tuple[dict | None, Path | None]:
     """The current champion's recorded test metrics and, on the same split, its predictions."""
     champ = tracking.version_by_alias(name, "champion")
@@ -181,12 +204,16 @@ def _version_tags(params: Params, arch: str, report: dict[str, Any]) -> dict:
     """What `medimg gate` and `medimg predict` read back: test figures and the threshold
     chosen on validation for `evaluate.target_sensitivity`."""
     tags: dict[str, Any] = {"architecture": arch}
-    tags |= {f"test_{k}": report[k] for k in (*GATED, "roc_auc") if report.get(k) is not None}
+    tested = (*GATED, "roc_auc", *(f"{k}_at_0.5" for k in GATED))  # headline: served threshold
+    tags |= {f"test_{k}": report[k] for k in tested if report.get(k) is not None}
     details = params.paths.eval_reports(arch) / "details.json"
     if details.exists():
-        point = read_json(details).get("operating_point")
+        found = read_json(details)
+        point, patient = found.get("operating_point"), found.get("patient_level")
         if point:
             tags["operating_threshold"] = point["threshold"]
+        if patient:
+            tags["patient_threshold"] = patient["patient_threshold"]
     return tags
 
 
@@ -205,6 +232,24 @@ def promotion_allowed(params: Params) -> tuple[bool, str]:
     if not tracking.is_local_store(uri):
         return False, f"shared tracking server {uri}: promotion is `medimg promote` (CI)"
     return True, f"local store {uri} (register.promote: local)"
+
+
+def _slices(params: Params, arch: str) -> dict[str, Any] | None:
+    path = params.paths.eval_reports(arch) / "slices.json"
+    return read_json(path) if path.exists() else None
+
+
+def with_slice_gate(params: Params, arch: str, champion: dict | None, verdict: dict) -> dict:
+    """The verdict plus the slice checks (`medimg.analysis.slices.gate_slices`): the
+    candidate's slices.json against the champion's, read from its run when both were
+    tested on the same split (other splits have other slices)."""
+    theirs = None
+    if champion is not None and champion.get("same_split"):
+        theirs = tracking.read_run_json(champion["run_id"], "eval/slices.json")
+    cfg = params.gate
+    return with_slice_checks(
+        verdict, gate_slices(_slices(params, arch), theirs, cfg.slices, cfg.max_regression)
+    )
 
 
 def gate_decision(params: Params, reports: dict, order: list[str]) -> dict[str, Any]:
@@ -236,7 +281,9 @@ def gate_decision(params: Params, reports: dict, order: list[str]) -> dict[str, 
         "champion_before": champion,
         "paired_test": paired,
         "gate": params.gate.model_dump(),
-        **decide(reports[best], champion, paired, params.gate),
+        **with_slice_gate(
+            params, best, champion, decide(reports[best], champion, paired, params.gate)
+        ),
         "promoted": False,
         "champion_after": champion,
     }
@@ -244,27 +291,38 @@ def gate_decision(params: Params, reports: dict, order: list[str]) -> dict[str, 
 
 def promote(params: Params, record: dict[str, Any], reports: dict) -> dict[str, Any]:
     """Act on a passed decision: register the candidate, `previous` ← the old champion,
-    `champion` (and `challenger`) ← the new version. A refused candidate changes nothing."""
-    if not record["passed"]:
-        return record
+    `champion` (and `challenger`) ← the new version. A refused candidate changes nothing.
+    A candidate whose model card lacks a required field is refused too; every outcome is
+    written to the audit trail, the card to the new version (`medimg.governance`)."""
     name, cand = record["model_name"], record["candidate"]
-    tags = _version_tags(params, cand["architecture"], reports[cand["architecture"]])
-    tags |= {"dataset_fingerprint": record["fingerprint"], "gate_passed": True}
+    tags = {}
+    if record["passed"]:
+        tags = _version_tags(params, cand["architecture"], reports[cand["architecture"]])
+        tags |= {"dataset_fingerprint": record["fingerprint"], "gate_passed": True}
+        tags["registered_by"] = governance.actor()
+        record = governance.check_card(params, record, tags)
+    if not record["passed"]:
+        governance.audit_decision(params, record, "refuse")
+        return record
     version = tracking.register_version(cand["model_uri"], name, tags)
+    governance.publish_card(params, name, version, cand)
     tracking.set_alias(name, "challenger", version)
     champion = record["champion_before"]
     if champion is not None and champion["version"] != version:
         tracking.set_alias(name, "previous", champion["version"])
     tracking.set_alias(name, "champion", version)
-    return record | {
+    record = record | {
         "candidate": {**cand, "version": version},
         "promoted": True,
         "champion_after": tracking.version_by_alias(name, "champion"),
     }
+    governance.audit_decision(params, record, "promote")
+    return record
 
 
 def _gated(report: dict[str, Any]) -> dict[str, Any]:
-    return {k: report.get(k) for k in (*GATED, "roc_auc")}
+    """The candidate's gated numbers: at its served threshold, with accuracy at 0.5 beside."""
+    return {k: report.get(k) for k in (*GATED, "roc_auc", "threshold", "accuracy_at_0.5")}
 
 
 def write_comparison(
@@ -275,6 +333,8 @@ def write_comparison(
 
     reports_dir = Path(params.paths.reports)
     text = compare_markdown(reports, order, metric)
+    slices = {a: s for a in order if (s := _slices(params, a)) is not None}
+    text += f"\n{worst_markdown(slices)}" if slices else ""
     text += f"\n## Gate\n\n{gate_text}\n" if gate_text else ""
     write_text(reports_dir / "compare.md", text)
     cis = {
@@ -294,7 +354,7 @@ def reason_paragraph(promotion: dict[str, Any]) -> str:
     head = (
         f"{promotion['model_name']} {label} ({c['architecture']}, test accuracy "
         f"{_fmt(c['accuracy'])}, sensitivity {_fmt(c['sensitivity'])}, specificity "
-        f"{_fmt(c['specificity'])})"
+        f"{_fmt(c['specificity'])}{_served_at(c)})"
     )
     before = promotion.get("champion_before")
     vs = (

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,26 @@ def _datasets(params: Params, plan: TrainPlan, num_classes: int):
     return train, val
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """What `fit`'s steps share: one architecture's plan, its data summary (classes.json) and
+    this task's place in the job (one machine, or the chief or a worker of several)."""
+
+    params: Params
+    plan: TrainPlan
+    info: dict[str, Any]
+    strategy: Any
+    tf_config: dict[str, Any] | None
+    multi: bool
+    chief: bool
+    device: dict[str, Any]
+    policy: str
+
+    @property
+    def backup(self) -> Path:
+        return self.params.paths.backup_dir(self.plan.arch)
+
+
 def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
     """Train `arch`, track it in MLflow and write the model, history and metrics.
 
@@ -197,110 +218,143 @@ def fit(params: Params, arch: str, strategy=None) -> dict[str, Any]:
     trains on its share of each batch; the chief alone writes and logs, the others keep their
     checkpoints in a temporary directory that they delete (see `medimg.distribute`).
     """
-    from medimg.models import build_model
+    job = _start(params, arch, strategy)
+    train_ds, val_ds = _datasets(params, job.plan, job.info["num_classes"])
+    if job.multi:  # a split of one shard file has to serve every worker
+        train_ds, val_ds = distribute.shard_by_data(train_ds), distribute.shard_by_data(val_ds)
+    _reset_backup(job)
+    model, trainer = _build(job)
+    with _checkpoints_and_run(job) as (folder, run_id):
+        throughput, seconds = _train(job, trainer, train_ds, val_ds, folder)
+        if job.chief:
+            result = _finish(job, model, throughput=throughput, seconds=seconds, run_id=run_id)
+        else:
+            result = {"epochs_run": len(throughput.rates), "train_seconds": round(seconds, 2)}
+    _clean_backup(folder)
+    _clean_backup(params.paths.cache_dir(arch))
+    if job.multi:  # workers leave once the chief has written and logged (or fail if it died)
+        distribute.barrier(job.strategy)
+    return result
 
+
+def _start(params: Params, arch: str, strategy: Any) -> TrainJob:
+    """Checks, the MLflow store (an unreachable server fails now), the distribution strategy
+    (before any other TensorFlow call), the seed, the plan and the precision policy."""
     check_architectures(params)
     tf_config = distribute.read_tf_config()
     multi, chief = distribute.is_multi_worker(tf_config), distribute.is_chief(tf_config)
     if chief:
-        tracking.configure(params.mlflow, params.dataset.name)  # an unreachable server fails now
-    strategy = strategy or choose_strategy()  # before any other TensorFlow call
+        tracking.configure(params.mlflow, params.dataset.name)
+    strategy = strategy or choose_strategy()
     keras.utils.set_random_seed(params.seed)
     plan = resolve_plan(params, arch)
     info = _class_info(params)
-    classes, num_classes = info["classes"], info["num_classes"]
-    dev = device_info()
-    policy = configure_precision(params.train.mixed_precision, dev["gpus"] > 0)
-    train_ds, val_ds = _datasets(params, plan, num_classes)
-    if multi:  # a split of one shard file has to serve every worker
-        train_ds, val_ds = distribute.shard_by_data(train_ds), distribute.shard_by_data(val_ds)
-    n_train = info["images"]["train"]
-    steps = int(np.ceil(n_train / plan.batch_size))
-    backup = params.paths.backup_dir(arch)
-    if chief:
-        # leftovers of a run that failed before its first epoch ended; a multi-worker run
-        # always starts over, as its workers keep no state to resume from
-        if multi or not (backup / "state").exists():
-            _clean_backup(backup)
-        backup.mkdir(parents=True, exist_ok=True)
+    device = device_info()
+    policy = configure_precision(params.train.mixed_precision, device["gpus"] > 0)
+    return TrainJob(params, plan, info, strategy, tf_config, multi, chief, device, policy)
 
-    with strategy.scope():
+
+def _reset_backup(job: TrainJob) -> None:
+    """The chief's checkpoint folder, emptied of the leftovers of a run that failed before its
+    first epoch ended; a multi-worker run always starts over, as its workers keep no state to
+    resume from."""
+    if not job.chief:
+        return
+    if job.multi or not (job.backup / "state").exists():
+        _clean_backup(job.backup)
+    job.backup.mkdir(parents=True, exist_ok=True)
+
+
+def _build(job: TrainJob) -> tuple[keras.Model, keras.Model]:
+    """(the model to save, the compiled model to train: the same with augmentation in front)."""
+    from medimg.models import build_model
+
+    params, plan, num_classes = job.params, job.plan, job.info["num_classes"]
+    with job.strategy.scope():
         shape = (plan.image_size, plan.image_size, 3)
-        model = build_model(arch, shape, num_classes, **model_kwargs(plan))
+        model = build_model(plan.arch, shape, num_classes, **model_kwargs(plan))
         trainer = (
             with_augmentation(model, build_augmenter(params.train.augment, params.seed))
             if plan.augmentation
             else model
         )
-    if multi:  # wrapped outside the scope on purpose: see distribute.CollectiveTrainer
+    if job.multi:  # wrapped outside the scope on purpose: see distribute.CollectiveTrainer
         trainer = distribute.collective_trainer(trainer)
-    with strategy.scope():
+    steps = int(np.ceil(job.info["images"]["train"] / plan.batch_size))
+    with job.strategy.scope():
         t = params.train
         compile_model(trainer, plan, num_classes, steps, t.xla, t.label_smoothing)
+    return model, trainer
 
-    resume_id = _read_resume_id(backup) if chief and not multi else None
+
+@contextmanager
+def _checkpoints_and_run(job: TrainJob) -> Iterator[tuple[Path, str | None]]:
+    """(checkpoint folder, MLflow run id) while training. The chief: its backup folder and a
+    run (the killed attempt's, reopened, so one architecture keeps one run). A worker: a
+    temporary folder it deletes, and no run."""
+    if not job.chief:
+        with tempfile.TemporaryDirectory(prefix="medimg-") as folder:
+            yield Path(folder), None
+        return
+    params, plan = job.params, job.plan
+    resume_id = None if job.multi else _read_resume_id(job.backup)
     tags = {
-        "architecture": arch,
+        "architecture": plan.arch,
         "git_commit": tracking.git_commit(),
         "dataset": params.dataset.name,
-        "dataset_fingerprint": info["fingerprint"],
-        "precision_policy": policy,
-        "replicas": strategy.num_replicas_in_sync,
-        "workers": max(1, distribute.training_tasks(tf_config)),
-        **dev,
+        "dataset_fingerprint": job.info["fingerprint"],
+        "precision_policy": job.policy,
+        "replicas": job.strategy.num_replicas_in_sync,
+        "workers": max(1, distribute.training_tasks(job.tf_config)),
+        **job.device,
     }
-    # a worker opens no MLflow run; its checkpoints go to a directory it deletes
-    scratch = nullcontext(backup) if chief else tempfile.TemporaryDirectory(prefix="medimg-")
-    logged = tracking.run(arch, resume_id, tags, system_metrics=True) if chief else nullcontext()
-    with scratch as folder, logged as run_id:
-        backup = Path(folder)
-        if chief:
-            (backup / "mlflow_run_id").write_text(run_id)
-        if chief and resume_id is None:
+    with tracking.run(plan.arch, resume_id, tags, system_metrics=True) as run_id:
+        (job.backup / "mlflow_run_id").write_text(run_id)
+        if resume_id is None:
             tracking.log_params(
                 {**params.model_dump(mode="json", by_alias=True), "plan": asdict(plan)}
             )
             tracking.log_dataset(split_dataset(params), "train")  # one input: the whole split
-        callbacks = make_callbacks(params, plan, backup, n_train, chief)
-        weights = (
-            class_weights(info["counts"]["train"], classes) if params.train.class_weights else None
+        yield job.backup, run_id
+
+
+def _train(
+    job: TrainJob, trainer: keras.Model, train_ds: Any, val_ds: Any, folder: Path
+) -> tuple[Throughput, float]:
+    """`trainer.fit`, then the best epoch's weights: (its throughput callback, seconds)."""
+    params, plan = job.params, job.plan
+    callbacks = make_callbacks(params, plan, folder, job.info["images"]["train"], job.chief)
+    counts, classes = job.info["counts"]["train"], job.info["classes"]
+    weights = class_weights(counts, classes) if params.train.class_weights else None
+    t0 = time.perf_counter()
+    with job.strategy.scope() if job.multi else nullcontext():  # see distribute.CollectiveTrainer
+        trainer.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=plan.epochs,
+            callbacks=callbacks,
+            class_weight=weights,
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
+            verbose=2,
         )
-        t0 = time.perf_counter()
-        with strategy.scope() if multi else nullcontext():  # see distribute.CollectiveTrainer
-            trainer.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=plan.epochs,
-                callbacks=callbacks,
-                class_weight=weights,
-                shuffle=False,  # the tf.data pipeline shuffles, seeded
-                verbose=2,
-            )
-        seconds = time.perf_counter() - t0
-        if (backup / "best.weights.h5").exists():
-            trainer.load_weights(str(backup / "best.weights.h5"))
-        throughput = next(c for c in callbacks if isinstance(c, Throughput))
-        if chief:
-            result = _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id)
-        else:
-            result = {"epochs_run": len(throughput.rates), "train_seconds": round(seconds, 2)}
-    _clean_backup(backup)
-    _clean_backup(params.paths.cache_dir(arch))
-    if multi:  # workers leave once the chief has written and logged (or fail if it died)
-        distribute.barrier(strategy)
-    return result
+    seconds = time.perf_counter() - t0
+    if (folder / "best.weights.h5").exists():
+        trainer.load_weights(str(folder / "best.weights.h5"))
+    return next(c for c in callbacks if isinstance(c, Throughput)), seconds
 
 
-def _finish(params, plan, model, val_ds, backup, throughput, seconds, run_id) -> dict[str, Any]:
-    """Write the DVC outputs and log the same to the MLflow run."""
+def _finish(
+    job: TrainJob, model: keras.Model, *, throughput: Throughput, seconds: float, run_id: str
+) -> dict[str, Any]:
+    """The chief's last step: write the DVC outputs and log the same to the MLflow run."""
     from medimg.analysis.plots import plot_learning_curves, save_figure
 
-    paths = params.paths
+    params, plan, paths = job.params, job.plan, job.params.paths
     model_file = paths.model_file(plan.arch)
     model_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(model_file, suffix=".keras") as tmp:
         keras.saving.save_model(model, str(tmp))
-    history = _read_history(backup / "history.csv")
+    history = _read_history(job.backup / "history.csv")
     reports = paths.train_reports(plan.arch)
     reports.mkdir(parents=True, exist_ok=True)
     write_text(reports / "history.csv", history_csv(history))

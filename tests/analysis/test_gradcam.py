@@ -10,9 +10,14 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 keras = pytest.importorskip("keras")
 
-from medimg.analysis.gradcam import grad_cam, last_conv_layer, overlay  # noqa: E402
+from medimg.analysis.gradcam import _resolve_path, grad_cam, overlay  # noqa: E402
 
 SIZE, PATCH = 32, 8
+
+
+def last_conv_layer(model: keras.Model) -> str:
+    """The layer `grad_cam` picks by default, as a `/`-joined path through nested models."""
+    return "/".join(_resolve_path(model, None))
 
 
 def planted(n: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,6 @@ from medimg.config import ArchiveLimits
 from medimg.data.archive import (
     archive_kind,
     iter_members,
-    list_members,
     open_zip,
     safe_name,
     scan,
@@ -210,7 +209,7 @@ def test_zip_tar_folder_give_the_same_members(tmp_path: Path) -> None:
     assert len(readings[0]) == 6
     assert readings[0] == readings[1] == readings[2]
     assert all(name.startswith("cell_images/") for name, _, _ in readings[0])
-    assert sorted((m.name, m.size) for m in list_members(as_tar, LIMITS)) == [
+    assert sorted((m.name, m.size) for m in scan(as_tar, LIMITS)) == [
         (n, s) for n, s, _ in readings[0]
     ]
     assert [archive_kind(p) for p in (as_zip, as_tar, tree)] == ["zip", "tar", "dir"]

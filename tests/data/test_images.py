@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medimg.data.images import ImageInputError, decode_image, images_from_input, prepare
-from tests.conftest import bomb_png, png_bytes
+from medimg.data.images import ImageInputError, decode_image, images_from_input, resize_batch
+from tests.conftest import bomb_png, load_arrays, png_bytes
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16"])
@@ -34,13 +34,13 @@ def test_preprocessing_matches_the_training_decode(mode, tmp_path):
     grey levels) for PNGs: written by the split's writer, read by the training reader."""
     import pandas as pd
 
-    from medimg.data.shards import load_arrays, write_shards
+    from medimg.data.shards import write_shards
 
     data = png_bytes(45, mode=mode, seed=3)
     row = {"path": "a.png", "label": 0, "patient": "P1", "split": "train"}
     write_shards(pd.DataFrame([row]), {"a.png": data}, tmp_path, 100, 0)
     trained_on = load_arrays(tmp_path, "train", 32)[0][0]
-    np.testing.assert_array_equal(prepare(data, 32), trained_on)
+    np.testing.assert_array_equal(resize_batch([decode_image(data)], 32)[0], trained_on)
     np.testing.assert_array_equal(trained_on, np.round(trained_on))
 
 

@@ -9,14 +9,13 @@ import pandas as pd
 import pytest
 
 from medimg.data.shards import (
-    load_arrays,
     make_dataset,
     shard_count,
     stream_split,
     take_images,
     write_shards,
 )
-from tests.conftest import png_bytes
+from tests.conftest import load_arrays, png_bytes
 
 
 @pytest.fixture

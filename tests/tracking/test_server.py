@@ -8,12 +8,16 @@ no PostgreSQL or MLflow process of that root survives.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -53,6 +57,21 @@ def survivors(root: Path) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def server_dir(prefix: str) -> Iterator[Path]:
+    """A folder for a server's root, outside pytest's basetemp, removed afterwards.
+
+    Run as root, pgserver runs PostgreSQL as user `pgserver` and opens the root's parents to it;
+    any pytest session that starts meanwhile makes /tmp/pytest-of-root private (0700) again, and
+    PostgreSQL loses its own data directory (PANIC: pg_control: Permission denied).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class Server:
     """`medimg server start` as a subprocess, always stopped by SIGTERM (then SIGKILL)."""
 
@@ -64,6 +83,7 @@ class Server:
     def start(self) -> None:
         args = ["start", "--root", str(self.root), "--port", str(self.port), "--workers", "1"]
         self.out = self.root.parent / f"{self.root.name}.out"
+        seen = self.out.stat().st_size if self.out.exists() else 0  # a restart's ready line only
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "medimg.cli", "server", *args],
@@ -73,7 +93,7 @@ class Server:
                 env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
             )
         deadline = time.monotonic() + 150
-        while f"ready at {self.uri}" not in self.out.read_text():
+        while f"ready at {self.uri}" not in self.out.read_text()[seen:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"server did not start:\n{self.out.read_text()[-3000:]}")
@@ -100,13 +120,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("team") / "root")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server() -> Iterator[Server]:
+    with server_dir("medimg-team-") as folder:
+        srv = Server(folder / "root")
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
 
 
 def as_user(mp: pytest.MonkeyPatch, user: tuple[str, str]) -> None:
@@ -124,6 +145,11 @@ def cli(*argv: str) -> int:
 @pytest.fixture(scope="module")
 def logged(server: Server) -> dict[str, str]:
     """Admin adds a member and a ci account; the member logs a run, ci registers it as champion."""
+    return log_and_promote(server)
+
+
+def log_and_promote(server: Server) -> dict[str, str]:
+    """The `logged` fixture's work, for tests that run their own server: run id and version."""
     for (name, password), role in ((MEMBER, "member"), (CI, "ci")):
         assert cli("user", "add", name, "--password", password, "--role", role,
                    "--root", str(server.root)) == 0  # fmt: skip

@@ -1,4 +1,5 @@
-"""TFLite edge export: the evaluate stage's size/accuracy/speed numbers and `medimg export`.
+"""TFLite edge export: the evaluate stage's size/accuracy/speed numbers and `medimg export`,
+which build the file the same way (`edge_model`).
 
 Conversion path, and why: the Keras model is written as a SavedModel through
 `keras.export.ExportArchive` with one `serve` endpoint that calls the model with
@@ -34,18 +35,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import keras
 import numpy as np
 
 from medimg.analysis.metrics import predicted_labels
+from medimg.config import QUANTIZE_MODES, Quantize
 from medimg.data.images import batch_for
-from medimg.errors import ConfigError, DataError, MedimgError
+from medimg.errors import ConfigError, DataError, MedimgError, error_line
 from medimg.io import write_bytes
-
-Quantize = Literal["none", "float16", "int8"]
-QUANTIZE_MODES: tuple[str, ...] = ("none", "float16", "int8")
 
 # Calibration images for int8: more than a few hundred barely moves the activation ranges but
 # makes conversion slower; a deterministic, evenly spaced subset keeps exports reproducible.
@@ -81,10 +80,9 @@ def to_tflite(
         _configure(converter, quantize, calibration)
         try:
             return bytes(converter.convert())
-        except Exception as err:  # ConverterError and friends: make it one readable line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        except Exception as err:  # ConverterError and friends
             raise MedimgError(
-                f"TFLite conversion ({quantize}) of {model.name} failed: {first}"
+                f"TFLite conversion ({quantize}) of {model.name} failed: {error_line(err)}"
             ) from err
 
 
@@ -352,11 +350,27 @@ def write_tflite(content: bytes, dest: Path) -> Path:
     return dest
 
 
-def representative_indices(count: int, n: int, seed: int) -> np.ndarray:
-    """Which of `count` training images calibrate int8: a seeded random subset, all classes
-    mixed. Indices, so the evaluate stage decodes only those images."""
-    rng = np.random.default_rng(seed)
-    return rng.choice(count, min(n, count), replace=False)
+def edge_model(
+    model: keras.Model,
+    quantize: Quantize,
+    *,
+    split_dir: str | Path,
+    size: int,
+    n_train: int,
+    samples: int,
+    seed: int,
+) -> tuple[bytes, TFLiteModel]:
+    """The .tflite file of `model` and a one-thread interpreter on it. int8 calibrates on a
+    seeded random subset of `samples` of the `n_train` training images (all classes mixed),
+    decoded alone: indices first, so only those images are read."""
+    from medimg.data.shards import take_images
+
+    calibration = None
+    if quantize == "int8":
+        picks = np.random.default_rng(seed).choice(n_train, min(samples, n_train), replace=False)
+        calibration = take_images(split_dir, "train", size, picks.tolist())
+    content = to_tflite(model, quantize, representative=calibration)
+    return content, TFLiteModel(content, threads=1)
 
 
 @dataclass(frozen=True)
@@ -401,3 +415,27 @@ def compare_edge(
         agreement=agreement(keras_probs, probs, threshold),
         accuracy=float(np.mean(predicted_labels(probs, threshold) == np.asarray(y_test))),
     )
+
+
+def edge_benchmark(
+    model: keras.Model,
+    bench: np.ndarray,
+    y_test: np.ndarray,
+    keras_probs: np.ndarray,
+    lite: tuple[bytes, TFLiteModel, np.ndarray] | None,
+) -> tuple[dict[str, Any], bytes | None]:
+    """The evaluate stage's numbers: Keras images/s on CPU and, given the int8 file (content,
+    interpreter, its test probabilities), its size, accuracy and agreement with the float
+    model and its single-thread images/s; and the file's bytes."""
+    keras_ips = images_per_second(model.predict_on_batch, bench, batch_size=32, min_seconds=1.0)
+    result: dict[str, Any] = {"keras_cpu_images_per_s": round(keras_ips, 1)}
+    if lite is None:
+        return result, None
+    check = compare_edge(*lite, keras_probs, y_test)
+    result |= {
+        "int8_bytes": check.size,
+        "int8_accuracy": check.accuracy,
+        "int8_agreement": check.agreement,
+        "int8_images_per_s_1thread": round(images_per_second(check.lite.predict, bench[:64]), 1),
+    }
+    return result, check.content

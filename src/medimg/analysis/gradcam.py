@@ -2,8 +2,9 @@
 
 A heatmap shows which region of the cell drove the prediction: a model that is right for the
 wrong reason (staining artefacts, the slide border) shows it here long before it fails on a new
-microscope. Keras and the backends are imported inside the functions so `overlay` (used by the
-report plots) costs no TensorFlow import.
+microscope. Keras and TensorFlow are imported inside the functions so `overlay` (used by the
+report plots) costs no TensorFlow import. `gradcam_examples` picks and explains the evaluate
+stage's test images (its plots draw them).
 
 How the gradient is taken: the model is re-wired (`keras.models.clone_model` with the same
 layers and a `call_function`) into a graph that adds a zero variable `delta` of shape
@@ -11,9 +12,9 @@ layers and a `call_function`) into a graph that adds a zero variable `delta` of 
 d score / d delta[n, 0, 0, c] is the sum over positions of d score / d A[n, :, :, c],
 i.e. the Grad-CAM channel weight up to a constant factor that the final max-normalisation
 removes. That turns "gradient with respect to an intermediate activation" into a gradient with
-respect to a variable, which every backend can take (`tf.GradientTape`, `jax.grad`,
-`torch.autograd`), and it works the same for layers inside nested models (an application base
-inside a wrapper), which a plain `keras.Model(model.inputs, inner_layer.output)` cannot reach.
+respect to a variable, which `tf.GradientTape` takes (the pipeline runs Keras on TensorFlow),
+and it works the same for layers inside nested models (an application base inside a wrapper),
+which a plain `keras.Model(model.inputs, inner_layer.output)` cannot reach.
 
 Which score is differentiated: for a softmax output the probability of the class; for a single
 sigmoid unit p for class 1 and 1 - p for class 0 (so class 0 highlights what lowers p). With
@@ -25,9 +26,12 @@ Models are assumed channels-last with a single image input and a single output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from medimg.analysis.metrics import predicted_labels
 
 if TYPE_CHECKING:
     import keras
@@ -88,11 +92,6 @@ def _resolve_path(model: Any, layer_name: str | None) -> list[str]:
     if not path:
         raise ValueError(f"no layer {layer_name!r} in model {model.name!r} or its sub-models")
     return path
-
-
-def last_conv_layer(model: keras.Model) -> str:
-    """The layer `grad_cam` picks by default, as a `/`-joined path through nested models."""
-    return "/".join(_resolve_path(model, None))
 
 
 def _layer_at(model: Any, path: list[str]) -> Any:
@@ -189,7 +188,8 @@ def _class_score(out: Any, class_index: int | None) -> Any:
     return ops.sum(p[:, class_index])
 
 
-def _weights_tensorflow(gmodel: Any, probe: Any, images: np.ndarray, ci: int | None):
+def _features_and_gradients(gmodel: Any, probe: Any, images: np.ndarray, ci: int | None):
+    """The feature maps and d score / d delta, by `tf.GradientTape`."""
     import tensorflow as tf
 
     delta = probe.delta.value
@@ -198,36 +198,6 @@ def _weights_tensorflow(gmodel: Any, probe: Any, images: np.ndarray, ci: int | N
         features, out = gmodel(tf.convert_to_tensor(images), training=False)
         score = _class_score(out, ci)
     return features.numpy(), tape.gradient(score, delta).numpy()
-
-
-def _weights_jax(gmodel: Any, probe: Any, images: np.ndarray, ci: int | None):
-    import jax
-
-    trainable = [v.value for v in gmodel.trainable_variables]
-    frozen = [v.value for v in gmodel.non_trainable_variables]
-    k = next(i for i, v in enumerate(gmodel.non_trainable_variables) if v is probe.delta)
-
-    def score(d: Any) -> tuple[Any, Any]:
-        values = [*frozen[:k], d, *frozen[k + 1 :]]
-        (features, out), _ = gmodel.stateless_call(trainable, values, images, training=False)
-        return _class_score(out, ci), features
-
-    grads, features = jax.grad(score, has_aux=True)(frozen[k])
-    return np.asarray(features), np.asarray(grads)
-
-
-def _weights_torch(gmodel: Any, probe: Any, images: np.ndarray, ci: int | None):
-    import keras
-    import torch
-
-    delta = probe.delta.value
-    delta.requires_grad_(True)
-    features, out = gmodel(keras.ops.convert_to_tensor(images), training=False)
-    (grads,) = torch.autograd.grad(_class_score(out, ci), delta)
-    return keras.ops.convert_to_numpy(features.detach()), grads.detach().cpu().numpy()
-
-
-_BACKENDS = {"tensorflow": _weights_tensorflow, "jax": _weights_jax, "torch": _weights_torch}
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -241,21 +211,23 @@ def grad_cam(
 ) -> np.ndarray:
     """Grad-CAM heatmaps, shape (N, H, W) in [0, 1], at the input images' size.
 
-    `layer_name=None` uses `last_conv_layer(model)`; a name is searched in nested models too,
-    or can be given as a `base/conv5_block3_out` path. An image whose map is all zero (no
-    positive evidence, or a saturated output with zero gradient) gets an all-zero heatmap.
+    `layer_name=None` uses the last layer with a 4-D output (descending into nested models); a
+    name is searched in nested models too, or can be given as a `base/conv5_block3_out` path.
+    An image whose map is all zero (no positive evidence, or a saturated output with zero
+    gradient) gets an all-zero heatmap.
     """
     import keras
 
-    backend = keras.backend.backend()
-    if backend not in _BACKENDS:
-        raise NotImplementedError(f"grad_cam has no gradient for the {backend!r} backend")
+    if keras.backend.backend() != "tensorflow":
+        raise NotImplementedError(
+            f"grad_cam needs the TensorFlow backend of Keras, not {keras.backend.backend()!r}"
+        )
     x = np.asarray(images, dtype="float32")
     if x.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {x.shape}")
     path = _resolve_path(model, layer_name)
     gmodel, probe = _gradcam_model(model, path, len(x))
-    features, grads = _BACKENDS[backend](gmodel, probe, x, class_index)
+    features, grads = _features_and_gradients(gmodel, probe, x, class_index)
     weights = grads[:, 0, 0, :].astype("float32")
     cam = np.maximum(np.einsum("nhwc,nc->nhw", features.astype("float32"), weights), 0.0)
     return _to_image_size(cam, x.shape[1:3])
@@ -292,3 +264,47 @@ def overlay(
         raise ValueError(f"heatmap shape {heat.shape} does not match image {img.shape[:2]}")
     colour = colormaps[cmap](heat)[..., :3] * 255.0
     return np.clip((1.0 - alpha) * img + alpha * colour, 0, 255).round().astype(np.uint8)
+
+
+# ------------------------------------------------------------------- the evaluate stage's images
+
+
+def gradcam_picks(
+    y: np.ndarray, probs: np.ndarray, cls: int, n: int
+) -> tuple[list[int], list[int]]:
+    """The worst misclassified images of true class `cls` (most confident wrong), then the
+    most confident correct ones, n in all."""
+    pred = predicted_labels(probs)
+    conf = np.where(probs >= 0.5, probs, 1 - probs) if probs.ndim == 1 else probs.max(1)
+    idx = np.flatnonzero(y == cls)
+    wrong = idx[pred[idx] != cls]
+    right = idx[pred[idx] == cls]
+    wrong = wrong[np.argsort(-conf[wrong])][: max(n // 2, n - len(right))]
+    right = right[np.argsort(-conf[right])][: n - len(wrong)]
+    return wrong.tolist(), right.tolist()
+
+
+def gradcam_examples(
+    model: Any,
+    images: Callable[[list[int]], np.ndarray],
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    n: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Per true class: the picked test images, their heatmaps and titles (`WRONG: a → b`).
+
+    `images(indices)` decodes just those images (raw 0-255 pixels); a class with no test
+    image is left out.
+    """
+    examples = {}
+    pred = predicted_labels(probs)
+    for cls, name in enumerate(classes):
+        wrong, right = gradcam_picks(y, probs, cls, n)
+        picks = wrong + right
+        if not picks:
+            continue
+        x = images(picks)
+        titles = [f"{'WRONG' if i in wrong else 'ok'}: {name} → {classes[pred[i]]}" for i in picks]
+        examples[name] = (x, grad_cam(model, x), titles)
+    return examples

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from medimg.commands.model import MODEL_HELP, load_classifier
+from medimg.commands.model_ref import MODEL_HELP, load_classifier
 from medimg.config import Params
 from medimg.data.images import ImageInputError, decode_image, resize_batch
 from medimg.errors import DataError

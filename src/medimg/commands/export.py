@@ -6,14 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medimg.commands.model import MODEL_HELP, load_classifier
-from medimg.config import Params
+from medimg.commands.model_ref import MODEL_HELP, load_classifier
+from medimg.config import QUANTIZE_MODES, Params
 from medimg.errors import DataError, MedimgError
 from medimg.io import read_json
 from medimg.scoring import Classifier, probabilities
 
 MIN_AGREEMENT = 0.99
-QUANTIZE_MODES = ("none", "float16", "int8")  # medimg.analysis.edge's; that module loads TF
 
 
 def export_path(params: Params, clf: Classifier, quantize: str) -> Path:
@@ -32,24 +31,20 @@ def export_path(params: Params, clf: Classifier, quantize: str) -> Path:
 
 def export_edge(params: Params, clf: Classifier, quantize: str) -> tuple[bytes, dict[str, Any]]:
     """The .tflite bytes and their test-split numbers; raises when parity is below 99 %."""
-    from medimg.analysis.edge import (
-        TFLiteModel,
-        check_parity,
-        compare_edge,
-        lite_probabilities,
-        representative_indices,
-        to_tflite,
-    )
-    from medimg.data.shards import stream_split, take_images
+    from medimg.analysis.edge import check_parity, compare_edge, edge_model, lite_probabilities
+    from medimg.data.shards import stream_split
 
     split = params.paths.split
-    calibration = None
-    if quantize == "int8":  # a seeded sample of training images, decoded alone
-        n_train = read_json(params.paths.classes_json)["images"]["train"]
-        picks = representative_indices(n_train, params.evaluate.representative_samples, params.seed)
-        calibration = take_images(split, "train", clf.size, picks.tolist())
-    content = to_tflite(clf.model, quantize, representative=calibration)
-    lite = TFLiteModel(content, threads=1)
+    n_train = read_json(params.paths.classes_json)["images"]["train"] if quantize == "int8" else 0
+    content, lite = edge_model(
+        clf.model,
+        quantize,
+        split_dir=split,
+        size=clf.size,
+        n_train=n_train,
+        samples=params.evaluate.representative_samples,
+        seed=params.seed,
+    )
     scorers = {
         "keras": lambda x: probabilities(clf.model, x),
         "lite": lambda x: lite_probabilities(lite, x),

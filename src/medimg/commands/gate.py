@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from medimg import tracking
+from medimg import governance, tracking
 from medimg.config import Params
 from medimg.errors import MedimgError
 from medimg.io import read_json
-from medimg.promotion import decide, reason_paragraph
+from medimg.promotion import decide, reason_paragraph, with_slice_gate
 
 
 def gate(params: Params) -> int:
@@ -19,7 +19,10 @@ def gate(params: Params) -> int:
     promotion = read_json(path)
     arch = promotion["candidate"]["architecture"]
     report = read_json(params.paths.eval_reports(arch) / "summary.json")
-    decision = decide(report, promotion["champion_before"], promotion["paired_test"], params.gate)
+    champion = promotion["champion_before"]
+    tracking.configure(params.mlflow, params.dataset.name)  # the champion's slices: its run
+    decision = decide(report, champion, promotion["paired_test"], params.gate)
+    decision = with_slice_gate(params, arch, champion, decision)
     promotion |= decision
     text = reason_paragraph(promotion)
     if not promotion.get("promoted"):  # a decision only: `medimg promote` acts on it
@@ -51,6 +54,7 @@ def rollback(params: Params) -> str:
     tracking.set_alias(name, "champion", prev["version"])
     if champ is not None:
         tracking.set_alias(name, "previous", champ["version"])
+    governance.audit_rollback(name, champ, prev)
     msg = f"{name}: champion v{champ and champ['version']} → v{prev['version']}"
     print(msg)
     return msg

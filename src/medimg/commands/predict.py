@@ -6,6 +6,7 @@ import argparse
 import glob
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medimg.commands.model import MODEL_HELP, load_classifier
+from medimg.commands.by_patient import by_patient, pick_patient_threshold
+from medimg.commands.model_ref import MODEL_HELP, load_classifier
 from medimg.config import Params
 from medimg.data.images import IMAGE_SUFFIXES, ImageInputError, decode_image, resize_batch
 from medimg.errors import MedimgError
@@ -193,8 +195,12 @@ def predict_command(
     threshold: float | None = None,
     output: str | Path | None = None,
     tta: bool | None = None,
+    patients: bool = False,
+    patient_threshold: float | None = None,
 ) -> int:
-    """`medimg predict`: 0 when every file was predicted, 1 when any failed, 2 for none."""
+    """`medimg predict`: 0 when every file was predicted, 1 when any failed, 2 for none.
+
+    `patients` (`--by-patient`): one row per patient instead of per cell (`by_patient`)."""
     from medimg.io import write_text
 
     if not paths:
@@ -215,6 +221,10 @@ def predict_command(
 
     progress = show_progress(len(files), batch_size, sys.stderr.isatty())
     frame = predict_files(clf, files, batch_size, on_error, progress)
+    if patients:
+        pattern = re.compile(params.validate_cfg.patient_pattern(params.dataset.name))
+        chosen = pick_patient_threshold(patient_threshold, clf.info)
+        frame = by_patient(frame, clf.classes, clf.threshold, pattern, chosen)
     text = format_rows(frame, fmt)
     if output is None:
         sys.stdout.write(text)
@@ -242,6 +252,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--output", default=None, help="write the results here, not stdout")
     p.add_argument(
+        "--by-patient",
+        dest="by_patient",
+        action="store_true",
+        help="one row per patient (from NIH file names, C33P1thinF_... -> C33, else one folder "
+        "= one patient): cells, cells called parasitized, parasitemia (their share) and the "
+        "call at the patient threshold",
+    )
+    p.add_argument(
+        "--patient-threshold",
+        type=float,
+        default=None,
+        help="with --by-patient: infected when parasitemia >= this (default: the version's "
+        "patient_threshold tag, else the served model's, else any parasitized cell)",
+    )
+    p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -260,4 +285,6 @@ def run(params: Params, args: argparse.Namespace) -> int:
         args.threshold,
         args.output,
         args.tta,
+        args.by_patient,
+        args.patient_threshold,
     )

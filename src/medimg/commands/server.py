@@ -1,8 +1,10 @@
 """`medimg server`: run the team tracking server, and add accounts to it.
 
 `medimg server start --root DIR` runs MLflow (basic auth, proxied artifacts) on a PostgreSQL
-kept in DIR until Ctrl-C / SIGTERM; `medimg server user add NAME --password P --role ROLE`
-creates an account as the admin. What the roles may do is in `medimg.tracking.server`.
+kept in DIR until Ctrl-C / SIGTERM; MLflow and PostgreSQL die with it however it dies, and a
+start on a DIR whose server died stops what it left first (`medimg.tracking.supervise`).
+`medimg server user add NAME --password P --role ROLE` creates an account as the admin. What
+the roles may do is in `medimg.tracking.server`.
 """
 
 from __future__ import annotations

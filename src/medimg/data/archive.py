@@ -19,16 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from medimg.config import ArchiveLimits
-from medimg.errors import DataError
+from medimg.errors import DataError, error_line
 
-ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 # What a truncated or corrupt compressed stream raises while its bytes are read.
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError)
-
-
-def _why(err: BaseException) -> str:
-    """An error's text on one line: tarfile lists every compression it tried, one per line."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -97,7 +91,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{path}: not a readable zip ({_why(err)})") from None
+        raise DataError(f"{path}: not a readable zip ({error_line(err)})") from None
 
 
 def _zip_headers(
@@ -126,7 +120,7 @@ def _zip_members(path: Path, budget: _Budget, read: bool) -> Iterator[tuple[Memb
             try:
                 data = zf.read(info)
             except (*_READ_ERRORS, NotImplementedError) as err:
-                why = _why(err)
+                why = error_line(err)
                 raise DataError(f"{path}: entry {info.filename!r} unreadable ({why})") from None
             if len(data) != member.size:
                 raise DataError(f"{path}: entry {info.filename!r} size differs from its header")
@@ -152,7 +146,7 @@ def _open_tar(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, "r:*")
     except _READ_ERRORS as err:
-        raise DataError(f"{path}: not a readable tar archive ({_why(err)})") from None
+        raise DataError(f"{path}: not a readable tar archive ({error_line(err)})") from None
 
 
 def _tar_members(path: Path, budget: _Budget, read: bool) -> Iterator[tuple[Member, bytes]]:
@@ -160,7 +154,7 @@ def _tar_members(path: Path, budget: _Budget, read: bool) -> Iterator[tuple[Memb
         try:
             files = _tar_headers(tf, path, budget)
         except _READ_ERRORS as err:
-            raise DataError(f"{path}: not a readable tar archive ({_why(err)})") from None
+            raise DataError(f"{path}: not a readable tar archive ({error_line(err)})") from None
         for member, info in files:
             if not read:
                 yield member, b""
@@ -169,7 +163,9 @@ def _tar_members(path: Path, budget: _Budget, read: bool) -> Iterator[tuple[Memb
                 fh = tf.extractfile(info)
                 data = fh.read() if fh else b""
             except _READ_ERRORS as err:
-                raise DataError(f"{path}: entry {info.name!r} unreadable ({_why(err)})") from None
+                raise DataError(
+                    f"{path}: entry {info.name!r} unreadable ({error_line(err)})"
+                ) from None
             yield member, data
 
 
@@ -212,10 +208,6 @@ def scan(path: str | Path, limits: ArchiveLimits, kind: str | None = None) -> li
     return [m for m, _ in _members(path, limits, kind, read=False)]
 
 
-def list_members(path: str | Path, limits: ArchiveLimits) -> list[Member]:
-    return scan(path, limits)
-
-
 class ZipImages(Mapping[str, bytes]):
     """A checked zip as a read-only name → bytes mapping, read one entry at a time.
 
@@ -234,7 +226,9 @@ class ZipImages(Mapping[str, bytes]):
         try:
             data = self._zf.read(info)
         except (*_READ_ERRORS, NotImplementedError) as err:
-            raise DataError(f"{self._path}: entry {name!r} unreadable ({_why(err)})") from None
+            raise DataError(
+                f"{self._path}: entry {name!r} unreadable ({error_line(err)})"
+            ) from None
         if len(data) != info.file_size:
             raise DataError(f"{self._path}: entry {name!r} size differs from its header")
         return data

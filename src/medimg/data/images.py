@@ -29,7 +29,10 @@ import pandas as pd
 from medimg.config import ArchiveLimits
 
 MAX_PIXELS = ArchiveLimits().max_image_pixels  # the archive reader's default bound
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# What counts as an image file: validate keeps these (manifest), `medimg predict` lists them.
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
 
 
 class ImageInputError(ValueError):
@@ -146,11 +149,6 @@ def _resize_graph(size: int) -> Any:
         return tf.map_fn(one, batch, fn_output_signature=out)
 
     return resize
-
-
-def prepare(data: bytes, size: int, source: str = "image") -> np.ndarray:
-    """One encoded image as the model's (size, size, 3) float32 input."""
-    return resize_batch([decode_image(data, source)], size)[0]
 
 
 def b64decode(text: str | bytes, source: str) -> bytes:

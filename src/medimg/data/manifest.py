@@ -18,23 +18,16 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from medimg.config import ArchiveLimits, SplitConfig, ValidateConfig
 from medimg.data.archive import iter_members
+from medimg.data.images import IMAGE_SUFFIXES
 from medimg.errors import ConfigError
 from medimg.io import atomic_path, progress
-
-if TYPE_CHECKING:
-    pass
-
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
-)
-STATUSES = ("ok", "junk", "corrupt", "rejected")
 
 # The manifest contract the split stage reads: column -> pandas dtype, in this order.
 MANIFEST_DTYPES: dict[str, str] = {
@@ -73,7 +66,7 @@ def is_junk(path: str, junk_names: Collection[str]) -> bool:
     pure = PurePosixPath(path)
     if pure.name in junk_names or pure.name.startswith("._") or "__MACOSX" in pure.parts:
         return True
-    return pure.suffix.lower() not in IMAGE_EXTENSIONS
+    return pure.suffix.lower() not in IMAGE_SUFFIXES
 
 
 def inspect_image(data: bytes, max_pixels: int) -> dict[str, Any]:

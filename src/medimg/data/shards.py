@@ -235,25 +235,3 @@ def take_images(
     row = {int(w): k for k, w in enumerate(wanted)}
     return np.stack(found).astype(np.float32)[[row[int(i)] for i in indices]]
 
-
-def load_arrays(
-    split_dir: str | Path, split: str, image_size: int
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """The whole split in memory: images (N,S,S,3) float32 0-255, labels, patients and paths."""
-    y, patients, paths, out = stream_split(split_dir, split, image_size, {"x": lambda x: x})
-    if len(y) == 0:
-        return np.zeros((0, image_size, image_size, 3), np.float32), y, [], []
-    return out["x"], y, patients, paths
-
-
-def split_arrays(
-    split_dir: str | Path, split: str, image_size: int
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """`load_arrays`, or a one-line DataError when the split is missing or empty."""
-    from medimg.errors import DataError
-
-    require_split(split_dir, split)
-    arrays = load_arrays(split_dir, split, image_size)
-    if len(arrays[0]) == 0:
-        raise DataError(f"{split_dir}: the {split} split is empty")
-    return arrays

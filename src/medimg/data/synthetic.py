@@ -11,13 +11,15 @@ patient grouping is exercised), some parasites are faint or sit on the rim, and 
 label cue. A small CNN lands in the 90s, not at 100%.
 
 Rendering is pure numpy on a per-cell generator; only `generate` touches the disk, and it
-writes a byte-identical zip for the same config and seed.
+writes a byte-identical zip for the same config and seed on any CPU: every transcendental
+function that shapes a pixel is `medimg.data.exactmath`'s (numpy's own round differently by
+SIMD level), and angles are carried as unit vectors, not through arctan2.
 """
 
 from __future__ import annotations
 
 import io
-import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +27,19 @@ import numpy as np
 from PIL import Image
 
 from medimg.config import SyntheticConfig
+from medimg.data import exactmath as em
+from medimg.data.packing import write_zip
 from medimg.io import atomic_path
 
 CLASSES = ("Parasitized", "Uninfected")
 ROOT = "cell_images"
-ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 # Colours in [0, 1] RGB: Giemsa-stained cytoplasm (pink → lilac) and parasite chromatin.
-PINK = np.array([0.86, 0.55, 0.62], dtype=np.float32)
-LILAC = np.array([0.76, 0.58, 0.80], dtype=np.float32)
-CHROMATIN = np.array([0.34, 0.12, 0.44], dtype=np.float32)
-PLATELET = np.array([0.66, 0.46, 0.74], dtype=np.float32)
-SPECK = np.array([0.36, 0.22, 0.40], dtype=np.float32)
+PINK = np.array([0.86, 0.55, 0.62])
+LILAC = np.array([0.76, 0.58, 0.80])
+CHROMATIN = np.array([0.34, 0.12, 0.44])
+PLATELET = np.array([0.66, 0.46, 0.74])
+SPECK = np.array([0.36, 0.22, 0.40])
 
 # Difficulty knobs: share of parasites drawn faint, and of cells carrying 1 vs 2 confusers.
 FAINT_PARASITE_P = 0.15
@@ -85,10 +88,15 @@ class PatientStyle:
 
 @dataclass(frozen=True)
 class _Geometry:
-    """Per-pixel polar coordinates of one cell, normalised so the membrane sits at rho == 1."""
+    """Per-pixel polar coordinates of one cell, normalised so the membrane sits at rho == 1.
+
+    The angle is kept as its cosine and sine (a unit vector), so harmonics of it are products
+    and sums, exact on every CPU, instead of arctan2 and cos.
+    """
 
     rho: np.ndarray
-    theta: np.ndarray
+    cos_t: np.ndarray
+    sin_t: np.ndarray
     yy: np.ndarray  # pixel rows
     xx: np.ndarray  # pixel columns
     edge: np.ndarray  # radius of the membrane at each pixel's angle
@@ -104,15 +112,23 @@ def _geometry(rng: np.random.Generator, h: int, w: int) -> _Geometry:
     """An irregular, tightly cropped round cell: low harmonics wobble its outline."""
     ry, rx = 0.5 * h * rng.uniform(0.86, 0.93), 0.5 * w * rng.uniform(0.86, 0.93)
     cy, cx = (h - 1) / 2 + rng.normal(0, 0.01 * h), (w - 1) / 2 + rng.normal(0, 0.01 * w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     dy, dx = (yy - cy) / ry, (xx - cx) / rx
-    rho, theta = np.hypot(dy, dx), np.arctan2(dy, dx)
+    rho = em.hypot(dy, dx)
+    safe = np.where(rho > 0, rho, 1.0)
+    cos_t, sin_t = np.where(rho > 0, dx / safe, 1.0), np.where(rho > 0, dy / safe, 0.0)
     edge = np.ones_like(rho)
-    for k, amp in zip((2, 3, 4, 5), rng.uniform(0, [0.04, 0.025, 0.015, 0.01]), strict=True):
-        edge += amp * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    cos_k, sin_k = cos_t, sin_t  # cos and sin of k * theta, by complex multiplication
+    for k, amp in zip(
+        (1, 2, 3, 4, 5), [0.0, *rng.uniform(0, [0.04, 0.025, 0.015, 0.01])], strict=True
+    ):
+        if k > 1:
+            cos_k, sin_k = cos_k * cos_t - sin_k * sin_t, sin_k * cos_t + cos_k * sin_t
+            phase = rng.uniform(0, 2 * np.pi)  # amp * cos(k * theta + phase)
+            edge += amp * (cos_k * em.cos(phase) - sin_k * em.sin(phase))
     scale = 0.5 * (rx + ry)
     mask = np.clip((edge - rho) * scale + 0.5, 0.0, 1.0)
-    return _Geometry(rho, theta, yy, xx, edge, mask, float(scale))
+    return _Geometry(rho, cos_t, sin_t, yy, xx, edge, mask, float(scale))
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: float) -> np.ndarray:
@@ -120,7 +136,7 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: float) -> np.
     gh, gw = max(2, round(cells * h / max(h, w))), max(2, round(cells * w / max(h, w)))
     grid = rng.standard_normal((gh, gw)).astype(np.float32)
     img = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.float32)
+    return np.asarray(img, dtype=np.float64)  # Pillow's resampling is plain C: no SIMD choice
 
 
 def _body(rng: np.random.Generator, style: PatientStyle, geo: _Geometry) -> np.ndarray:
@@ -128,13 +144,13 @@ def _body(rng: np.random.Generator, style: PatientStyle, geo: _Geometry) -> np.n
     h, w = geo.rho.shape
     hue = np.clip(style.hue + rng.normal(0, 0.08), 0, 1)
     base = (1 - hue) * PINK + hue * LILAC
-    grey = base.mean()
+    grey = (base[0] + base[1] + base[2]) / 3
     base = grey + style.saturation * (base - grey)
     r = geo.rho / geo.edge
-    shade = 1.0 + style.pallor * np.exp(-((r / 0.45) ** 2)) - style.rim * np.clip(r - 0.7, 0, 1)
+    shade = 1.0 + style.pallor * em.exp(-((r / 0.45) ** 2)) - style.rim * np.clip(r - 0.7, 0, 1)
     shade += style.texture_strength * _smooth_noise(rng, h, w, style.texture_scale)
     angle = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(angle) * (geo.xx / w - 0.5) + np.sin(angle) * (geo.yy / h - 0.5)) * 2
+    ramp = (em.cos(angle) * (geo.xx / w - 0.5) + em.sin(angle) * (geo.yy / h - 0.5)) * 2
     shade += style.illumination * ramp
     return base[None, None, :] * shade[..., None]
 
@@ -143,21 +159,21 @@ def _spot_centre(rng: np.random.Generator, geo: _Geometry, r_lo: float, r_hi: fl
     """A point inside the cell at a relative radius in [r_lo, r_hi], in pixel coordinates."""
     h, w = geo.rho.shape
     ang, rel = rng.uniform(0, 2 * np.pi), rng.uniform(r_lo, r_hi)
-    cy = (h - 1) / 2 + np.sin(ang) * rel * 0.5 * h * 0.86
-    cx = (w - 1) / 2 + np.cos(ang) * rel * 0.5 * w * 0.86
+    cy = (h - 1) / 2 + em.sin(ang) * rel * 0.5 * h * 0.86
+    cx = (w - 1) / 2 + em.cos(ang) * rel * 0.5 * w * 0.86
     return float(cy), float(cx)
 
 
 def _blob(geo: _Geometry, cy: float, cx: float, radius: float) -> np.ndarray:
     """A soft round spot of `radius` pixels: Gaussian falloff, peak 1."""
     d2 = (geo.yy - cy) ** 2 + (geo.xx - cx) ** 2
-    return np.exp(-d2 / (2 * radius**2))
+    return em.exp(-d2 / (2 * radius**2))
 
 
 def _ring(geo: _Geometry, cy: float, cx: float, radius: float, width: float) -> np.ndarray:
     """A thin annulus, the ring-form trophozoite, with its chromatin dot on one side."""
-    d = np.hypot(geo.yy - cy, geo.xx - cx)
-    band = np.exp(-(((d - radius) / width) ** 2))
+    d = em.hypot(geo.yy - cy, geo.xx - cx)
+    band = em.exp(-(((d - radius) / width) ** 2))
     dot = _blob(geo, cy - radius * 0.7, cx + radius * 0.7, width * 1.2)
     return np.maximum(band * 0.8, dot)
 
@@ -199,8 +215,9 @@ def _confuser(rng: np.random.Generator, geo: _Geometry, rgb: np.ndarray) -> np.n
         shape = _blob(geo, cy, cx, geo.scale * rng.uniform(0.02, 0.04))
         return _paint(rgb, rng.uniform(0.35, 0.75) * shape, SPECK)
     centre, span = rng.uniform(-np.pi, np.pi), rng.uniform(0.4, 1.2)
-    arc = np.cos(geo.theta - centre) > np.cos(span / 2)
-    band = np.exp(-(((geo.rho - 0.9 * geo.edge) * geo.scale / 2.5) ** 2)) * arc
+    cos_off = geo.cos_t * em.cos(centre) + geo.sin_t * em.sin(centre)  # cos(theta - centre)
+    arc = cos_off > em.cos(span / 2)
+    band = em.exp(-(((geo.rho - 0.9 * geo.edge) * geo.scale / 2.5) ** 2)) * arc
     return _paint(rgb, rng.uniform(0.15, 0.35) * band, CHROMATIN)
 
 
@@ -221,7 +238,7 @@ def render_cell(
     if rng.random() < style.confusers:
         for _ in range(int(rng.choice([1, 2], p=[0.7, 0.3]))):
             rgb = _confuser(rng, geo, rgb)
-    rgb = rgb * style.brightness + rng.normal(0, style.noise, rgb.shape).astype(np.float32)
+    rgb = rgb * style.brightness + rng.normal(0, style.noise, rgb.shape)
     rgb = rgb * geo.mask[..., None]
     return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 
@@ -306,37 +323,25 @@ def _plan(
     return patient_seeds, styles, cells, n_healthy
 
 
-def _zip_info(name: str) -> zipfile.ZipInfo:
-    """Header fields fixed (date, OS, permissions) so the zip depends on content only."""
-    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
-    info.create_system = 3
-    if name.endswith("/"):
-        info.external_attr = (0o40755 << 16) | 0x10
-    else:
-        info.external_attr = 0o100644 << 16
-        info.compress_type = zipfile.ZIP_STORED  # PNG is already deflated
-    return info
-
-
 def _member(cell: _Cell) -> str:
     return f"{ROOT}/{CLASSES[0] if cell.infected else CLASSES[1]}/{cell.name}"
 
 
-def _write_zip(
-    path: Path,
+def _entries(
     seeds: list[np.random.SeedSequence],
     styles: list[PatientStyle],
     cells: list[_Cell],
-) -> None:
-    """Render and store cells in sorted member order, so memory holds one image at a time."""
+) -> Iterator[tuple[str, bytes]]:
+    """Folders, then cells rendered in sorted member order: one image in memory at a time."""
     pixel_rngs = [np.random.default_rng(ss.spawn(1)[0]) for ss in seeds]
-    with zipfile.ZipFile(path, "w") as zf:
-        for name in (f"{ROOT}/", *(f"{ROOT}/{c}/" for c in CLASSES)):
-            zf.writestr(_zip_info(name), b"")
-        for cell in sorted(cells, key=_member):
-            p = cell.patient
-            img = render_cell(pixel_rngs[p], styles[p], cell.infected, cell.shape)
-            zf.writestr(_zip_info(_member(cell)), png_bytes(img))
+    for name in (f"{ROOT}/", *(f"{ROOT}/{c}/" for c in CLASSES)):
+        yield name, b""
+    for cell in sorted(cells, key=_member):
+        p = cell.patient
+        yield (
+            _member(cell),
+            png_bytes(render_cell(pixel_rngs[p], styles[p], cell.infected, cell.shape)),
+        )
 
 
 def generate(dest: Path, cfg: SyntheticConfig, seed: int) -> dict:
@@ -347,7 +352,7 @@ def generate(dest: Path, cfg: SyntheticConfig, seed: int) -> dict:
     """
     seeds, styles, cells, n_healthy = _plan(cfg, seed)
     with atomic_path(dest) as tmp:
-        _write_zip(tmp, seeds, styles, cells)
+        write_zip(tmp, _entries(seeds, styles, cells))
     n_infected = sum(c.infected for c in cells)
     return {
         "images": len(cells),

@@ -12,14 +12,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import keras
 
+from medimg.config import Optimizer, Schedule
 from medimg.errors import ConfigError
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
-SCHEDULES = ("constant", "poly", "plateau", "cosine")
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 Builder = Callable[..., keras.Model]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from medimg.errors import ConfigError
+from medimg.errors import ConfigError, error_line
 
 # The exact "notop" file names keras.applications fetches into $KERAS_HOME/models (see
 # keras/src/applications/{vgg19,resnet,inception_v3,mobilenet_v3,efficientnet}.py).
@@ -123,8 +123,9 @@ def imagenet_base(
             if resolved == "imagenet"
             else resolved
         )
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"could not load {arch} weights from {source}: {reason}") from err
+        raise ConfigError(
+            f"could not load {arch} weights from {source}: {error_line(err)}"
+        ) from err
 
 
 def is_random_init(weights: str | None) -> bool:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from medimg.errors import MedimgError
+from medimg.errors import MedimgError, error_line
 
 SERVING_MODEL_NAME = "classifier"
 SERVING_ALIASES = ("champion", "challenger", "previous")
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def _client():
@@ -37,24 +41,33 @@ def version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
     return {"version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
-def version_info(name: str, version: str) -> dict[str, Any]:
-    mv = _client().get_model_version(name, version)
-    return {
-        "version": str(mv.version),
-        "run_id": mv.run_id,
-        "tags": dict(mv.tags),
-        "aliases": list(mv.aliases),
-    }
-
-
 def set_alias(name: str, alias: str, version: str) -> None:
     _client().set_registered_model_alias(name, alias, version)
 
 
-def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
-    client = _client()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # None (no console), or a closed stream
+        return False
+
+
+@contextmanager
+def download_progress_on_terminal_only() -> Iterator[None]:
+    """MLflow's "Downloading artifacts" bar only when stderr is a terminal.
+
+    In a log (`medimg predict DIR 2>err`, CI) its carriage-return updates are dozens of lines
+    of noise. MLflow reads the variable when a download starts, so it is set for the download
+    only and removed after; a value the user exported is left alone.
+    """
+    if PROGRESS_BAR_ENV in os.environ or _is_terminal(sys.stderr):
+        yield
+        return
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(PROGRESS_BAR_ENV, None)
 
 
 def download_run_artifact(run_id: str, path: str, dest: str | Path) -> Path | None:
@@ -63,12 +76,29 @@ def download_run_artifact(run_id: str, path: str, dest: str | Path) -> Path | No
     from mlflow.exceptions import MlflowException
 
     try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=path, dst_path=str(dest)
-        )
+        with download_progress_on_terminal_only():
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=str(dest)
+            )
     except (MlflowException, OSError):
         return None
     return Path(local)
+
+
+def read_run_json(run_id: str, path: str) -> Any | None:
+    """A run's JSON artifact (e.g. the champion's `eval/slices.json`, which the gate compares
+    slice by slice), or None when the run has no such artifact or it is not JSON."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_run_artifact(run_id, path, tmp)
+        if local is None or not local.is_file():
+            return None
+        try:
+            return json.loads(local.read_text())
+        except ValueError:
+            return None
 
 
 def resolve_model(spec: str, name: str, dest: Path) -> tuple[Path, dict[str, Any]]:
@@ -86,9 +116,10 @@ def resolve_model(spec: str, name: str, dest: Path) -> tuple[Path, dict[str, Any
 
     uri, info = _model_source(spec, name)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+        with download_progress_on_terminal_only():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except (MlflowException, OSError) as err:
-        raise MedimgError(f"model {spec!r} ({uri}): cannot download: {_first_line(err)}") from None
+        raise MedimgError(f"model {spec!r} ({uri}): cannot download: {error_line(err)}") from None
     keras_files = sorted(local.rglob("*.keras")) if local.is_dir() else [local]
     keras_files = [p for p in keras_files if p.suffix == ".keras"]
     if not keras_files:
@@ -97,12 +128,10 @@ def resolve_model(spec: str, name: str, dest: Path) -> tuple[Path, dict[str, Any
     threshold = info.get("tags", {}).get("operating_threshold")
     if threshold is not None:
         info["operating_threshold"] = float(threshold)
+    patient = info.get("tags", {}).get("patient_threshold")
+    if patient is not None:
+        info["patient_threshold"] = float(patient)  # the version's tag before the config's
     return keras_files[0], {**info, "spec": spec, "model_uri": uri}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(getattr(err, "message", None) or err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _model_source(spec: str, name: str) -> tuple[str, dict[str, Any]]:
@@ -137,7 +166,7 @@ def _logged_model_info(model_id: str) -> dict[str, Any]:
     try:
         logged = _client().get_logged_model(model_id)
     except MlflowException as err:
-        raise MedimgError(f"model {model_id}: {_first_line(err)}") from None
+        raise MedimgError(f"model {model_id}: {error_line(err)}") from None
     return {"run_id": logged.source_run_id, "tags": {}}
 
 
@@ -154,7 +183,7 @@ def _version(name: str, version: str | None, alias: str | None) -> dict[str, Any
     except MlflowException as err:
         what = f"alias {alias!r}" if alias else f"version {version}"
         hint = "; run `dvc repro register`" if alias in SERVING_ALIASES else ""
-        raise MedimgError(f"{name}: no {what} ({_first_line(err)}){hint}") from None
+        raise MedimgError(f"{name}: no {what} ({error_line(err)}){hint}") from None
     return {
         "name": name,
         "version": str(mv.version),
@@ -177,7 +206,7 @@ def _run_model_uri(run_id: str) -> str:
             )
         )
     except MlflowException as err:
-        raise MedimgError(f"run {run_id}: {_first_line(err)}") from None
+        raise MedimgError(f"run {run_id}: {error_line(err)}") from None
     if not models:
         raise MedimgError(f"run {run_id}: no logged model")
     models.sort(key=lambda m: (m.name == SERVING_MODEL_NAME, m.creation_timestamp))
@@ -193,5 +222,5 @@ def _serving_config(local: Path) -> dict[str, Any]:
         return {}
     flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
     config = flavor.get("config") or {}  # where pyfunc keeps `model_config`
-    keys = ("classes", "image_size", "threshold", "tta", "temperature")
+    keys = ("classes", "image_size", "threshold", "tta", "temperature", "patient_threshold")
     return {k: config[k] for k in keys if k in config}

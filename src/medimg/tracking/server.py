@@ -4,7 +4,10 @@
 PostgreSQL from the `pgserver` wheel (ROOT/pgdata, reached only through a unix socket inside that
 0700 folder: no TCP port), or on `backend_store_uri` (a managed PostgreSQL, say). Artifacts are
 proxied into ROOT/artifacts. SIGINT/SIGTERM stop MLflow's whole process group, then PostgreSQL;
-a restart on the same ROOT finds every run, registered model and alias again.
+a restart on the same ROOT finds every run, registered model and alias again. Should the
+supervisor die otherwise (SIGKILL, OOM), `supervise` stops MLflow and PostgreSQL all the same,
+and a later start on ROOT stops whatever is still left first; ROOT/server.json names the
+supervisor, MLflow's process group and the pids that listen on the port.
 
 Permissions are enforced by MLflow's own basic-auth RBAC (roles of (resource_type, pattern,
 permission) grants, pattern an exact name or "*": no regex or prefix; written against MLflow
@@ -36,7 +39,6 @@ unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -52,6 +54,7 @@ from typing import Any, NamedTuple
 import requests
 
 from medimg.errors import MedimgError
+from medimg.tracking import supervise
 
 DATASETS = ("malaria", "oct2017")
 PROJECT_MODELS = tuple(f"{name}-classifier" for name in DATASETS)
@@ -65,7 +68,6 @@ WS = {"workspace": "default"}  # where MLflow keeps grants while workspaces are 
 GRANT_KEYS = ("resource_type", "resource_pattern", "permission")
 _v3 = "/api/3.0/mlflow/{}".format  # the role (RBAC) endpoints
 READY_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 20.0
 
 
 AUTH_INI = """[mlflow]
@@ -241,23 +243,12 @@ def _write_private(path: Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(root: Path) -> Iterator[None]:
-    """One server per ROOT: two would share one PostgreSQL data directory."""
-    with open(root / ".server.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MedimgError(f"{root}: another medimg server is already running here") from None
-        yield
-
-
-@contextlib.contextmanager
 def _postgres(pgdata: Path) -> Iterator[Any]:
     """A pgserver PostgreSQL for `pgdata`, certainly stopped on exit.
 
     pgserver stops it when its last recorded handle closes; a handle left by a killed process
-    would keep it running, and this server owns its ROOT (see `_exclusive`), so whatever is still
-    running after pgserver's cleanup is stopped here.
+    would keep it running, and this server owns its ROOT (`supervise.exclusive`), so whatever
+    is still running after pgserver's cleanup is stopped here.
     """
     import psutil
 
@@ -306,7 +297,11 @@ def serve(
     workers: int = 2,
     announce: Callable[[str], None] = print,
 ) -> int:
-    """Run the team server until SIGINT/SIGTERM, then return 0; MedimgError if MLflow dies."""
+    """Run the team server until SIGINT/SIGTERM, then return 0; MedimgError if MLflow dies.
+
+    Before starting, what a dead server of ROOT left running is stopped and a port someone
+    else listens on is refused (`supervise`): "ready" is printed only when this MLflow answers.
+    """
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -314,7 +309,10 @@ def serve(
     uri = f"http://{host}:{port}"
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_exclusive(root))
+            lock = stack.enter_context(supervise.exclusive(root))
+            if stopped := "; ".join(supervise.reap(root)):
+                announce(f"medimg server: stopped what a dead server of {root} left: {stopped}")
+            supervise.check_port(host, port)
             admin = admin_credentials(root, create=True)
             env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}  # docstring: jobs
             env.update(
@@ -323,8 +321,21 @@ def serve(
                 MLFLOW_AUTH_ADMIN_USERNAME=admin.username,
                 MLFLOW_AUTH_ADMIN_PASSWORD=admin.password,
             )
+            env[supervise.MARKER_ENV] = str(root)  # uvicorn's processes inherit it: `reap`
+            log = stack.enter_context(open(log_path, "ab"))
+            watchdog = supervise.Watchdog(root, lock, log)
+            stack.callback(watchdog.done)
+            record = {
+                "root": str(root), "host": host, "port": port, "uri": uri,
+                "supervisor": supervise.ref(os.getpid()),
+                "watchdog": supervise.ref(watchdog.proc.pid),
+            }  # fmt: skip
+            supervise.write_json(root / supervise.RECORD, record)
+            stack.callback((root / supervise.RECORD).unlink, missing_ok=True)
             if backend_store_uri is None:
                 pg = stack.enter_context(_postgres(root / "pgdata"))
+                record["postgres"] = supervise.ref(pg.get_pid())
+                supervise.write_json(root / supervise.RECORD, record)
                 _create_databases(pg, ("mlflow", "mlflow_auth"))
                 backend, auth_db = pg.get_uri("mlflow"), pg.get_uri("mlflow_auth")
             else:
@@ -332,7 +343,6 @@ def serve(
             env["MLFLOW_BACKEND_STORE_URI"] = backend  # in the environment, not in `ps`
             (root / "auth.ini").write_text(AUTH_INI.format(db=auth_db, admin=admin.username))
             (root / "artifacts").mkdir(exist_ok=True)
-            log = stack.enter_context(open(log_path, "ab"))
             cmd = [
                 sys.executable, "-m", "mlflow", "server",
                 "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
@@ -340,12 +350,21 @@ def serve(
                 "--app-name", "basic-auth",
             ]  # fmt: skip
             proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            stack.callback(_stop_group, proc)
-            _wait_ready(proc, uri, log_path)
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=supervise.die_with_parent(),
+            )  # fmt: skip
+            record["mlflow"] = supervise.ref(proc.pid)  # its pid is its process group's id
+            supervise.write_json(root / supervise.RECORD, record)
+            stack.callback(supervise.stop_group, proc)
+            serving = _wait_ready(proc, uri, port, log_path)
             ensure_project_setup(AdminApi(uri, admin))
-            (root / "server.json").write_text(json.dumps({"uri": uri, "pid": os.getpid()}) + "\n")
+            info = {
+                "uri": uri, "pid": os.getpid(), "host": host, "port": port, "root": str(root),
+                "mlflow_pgid": proc.pid, "serving_pids": serving,
+                "postgres_pid": record.get("postgres", {}).get("pid"),
+                "watchdog_pid": watchdog.proc.pid,
+            }  # fmt: skip
+            supervise.write_json(root / "server.json", info)
             stack.callback((root / "server.json").unlink, missing_ok=True)
             announce(f"medimg server ready at {uri} (root {root}, log {log_path})")
             sys.stdout.flush()  # the ready line is what scripts and tests wait for
@@ -358,7 +377,12 @@ def serve(
             signal.signal(sig, handler)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], uri: str, log_path: Path) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], uri: str, port: int, log_path: Path) -> list[int]:
+    """Wait until /health answers and the port is held by MLflow's group; its listening pids.
+
+    /health alone is not enough: another process on the port would answer it while our uvicorn
+    fails to bind, and "ready" would name a server that is not this one.
+    """
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -369,31 +393,20 @@ def _wait_ready(proc: subprocess.Popen[bytes], uri: str, log_path: Path) -> None
             )
         with contextlib.suppress(requests.RequestException):
             if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                return
+                holders = supervise.port_holders(port)
+                ours = [p.pid for p in holders if _pgid(p.pid) == proc.pid]
+                if foreign := [p for p in holders if p.pid not in ours]:
+                    raise MedimgError(
+                        f"port {port} is served by {supervise.describe(foreign)}, not by this"
+                        f" server's MLflow (process group {proc.pid}); see {log_path}"
+                    )
+                return ours
         time.sleep(0.5)
     raise MedimgError(f"mlflow server not ready after {READY_TIMEOUT_S:g} s; see {log_path}")
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM MLflow's process group (server, workers), SIGKILL what is left after a while."""
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup
-        signal.signal(sig, signal.SIG_IGN)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any live (non-zombie) process left in the group? Zombies wait for init, not for us."""
-    import psutil
-
-    for proc in psutil.process_iter(["status"]):
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-    return False
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

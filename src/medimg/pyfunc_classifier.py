@@ -1,4 +1,5 @@
-"""The served model: the registered `classifier` pyfunc, logged as MLflow "models from code".
+"""The served classifier as an MLflow pyfunc: the registered `classifier`, logged as MLflow
+"models from code" by `medimg.classifier_logging`.
 
 MLflow runs this file when it loads the model (`mlflow.pyfunc.load_model`, `mlflow models
 serve`); `set_model` at the bottom is what it looks for. The medimg package is logged beside

@@ -1,4 +1,5 @@
-"""Finding and loading the model a command names with `--model`."""
+"""`--model`: resolving the reference a command is given (alias, version, run, URI or .keras
+file) to a model, and loading it as a `Classifier`."""
 
 from __future__ import annotations
 

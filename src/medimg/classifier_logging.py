@@ -1,0 +1,49 @@
+"""Logging the served classifier: `medimg.pyfunc_classifier` as MLflow "models from code", with
+the medimg package beside it and the scoring settings the evaluate stage chose.
+
+Kept apart from `pyfunc_classifier.py`, which MLflow executes on load (importing it registers a
+model); the MLflow calls themselves are `medimg.tracking`'s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medimg import tracking
+from medimg.data.images import MAX_PIXELS, png_request
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the served model needs besides its weights: the same for every scoring path."""
+
+    classes: list[str]
+    image_size: int
+    threshold: float = 0.5
+    tta: bool = False
+    temperature: float = 1.0
+    max_image_pixels: int = MAX_PIXELS  # the archive reader's bound (dataset.limits)
+    # a smear is called infected when its share of called cells reaches this (None: any
+    # called cell); chosen on val patients by evaluate, read by `medimg predict --by-patient`
+    patient_threshold: float | None = None
+
+
+def log_classifier(
+    keras_file: Path, config: ServingConfig, example: np.ndarray | None, *, run_id: str
+) -> tuple[str, str]:
+    """Log the pyfunc `classifier` into run `run_id` (the architecture's training run) on the
+    configured store; returns (model URI, model id)."""
+    code = Path(importlib.util.find_spec("medimg.pyfunc_classifier").origin)  # not imported
+    with tracking.run(run_id=run_id):
+        return tracking.log_code_model(
+            model_code=code,
+            code_paths=[code.parent],
+            artifacts={"keras_model": keras_file},
+            config=asdict(config),
+            signature_params={"threshold": config.threshold},
+            input_example=png_request(example) if example is not None else None,
+        )
