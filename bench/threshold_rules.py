@@ -42,6 +42,7 @@ ARCH = "compact_cnn"
 RULES: dict[str, tuple[str, float]] = {
     "point": ("point", 0.95),
     "bootstrap_lower (2.5th pct)": ("bootstrap_lower", 0.95),
+    "bootstrap_lower, ci 0.8 (10th pct)": ("bootstrap_lower", 0.8),
     "bootstrap_lower, ci 0.6 (20th pct)": ("bootstrap_lower", 0.6),
     "optimism": ("optimism", 0.95),
 }
@@ -150,7 +151,7 @@ def judge(
     cfg: Any, val: dict[str, Any], test: dict[str, Any], splits: list, boot_cfg: Any, seed: int
 ) -> dict[str, Any]:
     """One rule: its threshold on val and test rates, then the repeated-split transfer."""
-    from medimg.evaluate import operating_threshold
+    from medimg.analysis.operating import operating_threshold
 
     t, _ = operating_threshold(val["y"], val["p"], val["groups"], cfg, seed)
     test_sens, test_spec = rates(test["y"], test["p"], t)

@@ -188,10 +188,12 @@ def test_promotion_tags_the_version_with_the_evaluated_operating_threshold(setup
     chose on validation (details.json), written by promotion, not by hand."""
     params = setup({"tiny": 0.9}, min_accuracy=0.5)
     details = params.paths.eval_reports("tiny") / "details.json"
-    write_json(details, {"operating_point": {"threshold": 0.3125, "chosen_on": "val"}})
+    point = {"threshold": 0.3125, "chosen_on": "val"}
+    write_json(details, {"operating_point": point, "patient_level": {"patient_threshold": 0.1}})
     assert run(params)["promoted"]
     tags = tracking.version_by_alias(NAME, "champion")["tags"]  # version 1
     assert float(tags["operating_threshold"]) == 0.3125
+    assert float(tags["patient_threshold"]) == 0.1  # `predict --by-patient` reads it
     assert float(tags["test_accuracy"]) == 0.9
 
 

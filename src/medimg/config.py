@@ -8,13 +8,31 @@ dotted key in a one-line `ConfigError` (exit code 2), before any stage touches d
 from __future__ import annotations
 
 import math
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from medimg.config_base import (  # noqa: F401  (re-exported)
+    QUANTIZE_MODES,
+    Fraction,
+    Frozen,
+    Optimizer,
+    PosInt,
+    Quantize,
+    Schedule,
+)
+from medimg.config_decision import (  # noqa: F401  (re-exported)
+    CardConfig,
+    EvaluateConfig,
+    GateConfig,
+    PatientConfig,
+    RegisterConfig,
+    SelectionMetric,
+    SliceConfig,
+    SliceGateConfig,
+)
 from medimg.errors import ConfigError
 
 NIH_PATIENT_REGEX = r"^(C\d+)"  # C33P1thinF_, but also C37BP2_, C1ThinF_, C5thin_ in the real set
@@ -22,19 +40,6 @@ OCT_PATIENT_REGEX = r"^[A-Z]+-(\d+)-\d+"
 NIH_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 NIH_SHA256 = "0a949556b2414159b5100192609805376654c4266d8d187be9b1922fad43c668"
 NIH_SIZE = 353_452_851
-
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-PosInt = Annotated[int, Field(ge=1)]
-# Names declared once: params.yaml is checked against these Literals, and code that needs the
-# list takes it from them with `typing.get_args` (the model registry, TFLite export).
-Optimizer = Literal["adam", "sgd", "rmsprop"]
-Schedule = Literal["constant", "poly", "plateau", "cosine"]
-Quantize = Literal["none", "float16", "int8"]  # TFLite export: analysis/edge, `medimg export`
-QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SyntheticConfig(Frozen):
@@ -204,135 +209,6 @@ class TrainConfig(Frozen):
     xla: bool = False
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     overrides: dict[str, TrainOverride] = {}
-
-
-class PatientConfig(Frozen):
-    """Patient-level diagnosis (medimg.analysis.patient): a patient is called infected when
-    the share of their cells called parasitized reaches a threshold chosen on val patients."""
-
-    target_sensitivity: Annotated[float, Field(gt=0, le=1)] = 0.95  # over val patients
-    # point: the highest val threshold reaching the target (on the least parasitized infected
-    # patient it must catch); midpoint: halfway down to the next lower val parasitemia
-    threshold_rule: Literal["point", "midpoint"] = "midpoint"
-
-
-SliceProperty = Literal["brightness", "contrast", "saturation", "sharpness", "size"]
-GateMetric = Literal["accuracy", "sensitivity", "specificity"]
-
-
-class SliceConfig(Frozen):
-    """`evaluate.slices` (medimg.analysis.slices): test metrics per class, patient size, image
-    property bin and source. Property bins are quantiles of the *val* images, fixed before
-    test is looked at; a slice under `min_images` or `min_patients` is `too_small`, ungated."""
-
-    enabled: bool = True
-    properties: list[SliceProperty] = ["brightness", "contrast", "saturation", "sharpness", "size"]
-    bins: Annotated[int, Field(ge=2, le=10)] = 3
-    min_images: PosInt = 30
-    min_patients: PosInt = 5
-    # a regex on the image path: group 1 (or the whole match) names the source, e.g.
-    # '^[^/]+/([^/]+)/' for a site folder; null: no source slices
-    source: str | None = None
-
-
-class SliceGateConfig(Frozen):
-    """`gate.slices`: floors on every gated (not too small) slice, and no slice worse than the
-    champion's same slice by more than `max_regression` (null: `gate.max_regression`)."""
-
-    enabled: bool = True
-    metrics: list[GateMetric] = ["accuracy", "sensitivity"]  # compared with the champion
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
-    min_sensitivity: Annotated[float, Field(ge=0, le=1)] | None = None
-    min_specificity: Annotated[float, Field(ge=0, le=1)] | None = None
-    max_regression: Annotated[float, Field(ge=0, le=1)] | None = None
-
-
-class EvaluateConfig(Frozen):
-    target_sensitivity: Annotated[float, Field(gt=0, le=1)] = 0.95
-    # point: the highest val threshold reaching the target; bootstrap_lower: its lower
-    # percentile over a patient bootstrap of val, so the target holds on new patients;
-    # optimism: the point threshold for the target plus the shortfall a patient bootstrap
-    # of val predicts on new patients (bench/threshold_rules.py compares them)
-    threshold_rule: Literal["point", "bootstrap_lower", "optimism"] = "bootstrap_lower"
-    tta: bool = False  # mean over the 8 flips/90° rotations, here, in predict and serving
-    temperature_scaling: bool = True  # one temperature fitted on val, applied everywhere
-    bootstrap: Annotated[int, Field(ge=0)] = 1000
-    ci: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    calibration_bins: Annotated[int, Field(ge=2, le=100)] = 10
-    gradcam_examples: Annotated[int, Field(ge=0, le=64)] = 8
-    tflite_int8: bool = True
-    representative_samples: PosInt = 100
-    benchmark_images: PosInt = 200
-    patient: PatientConfig = PatientConfig()  # binary datasets only
-    slices: SliceConfig = SliceConfig()
-
-
-class SelectionMetric(StrEnum):
-    """A headline metric of `reports/eval/<arch>/summary.json` that `register.metric` may rank
-    the architectures by, declared with the direction that is better: ranking every metric
-    highest-first would make `metric: ece` promote the worst-calibrated model."""
-
-    lower_is_better: bool
-
-    def __new__(cls, value: str, lower_is_better: bool = False) -> SelectionMetric:
-        member = str.__new__(cls, value)
-        member._value_ = value
-        member.lower_is_better = lower_is_better
-        return member
-
-    ACCURACY = "accuracy"
-    SENSITIVITY = "sensitivity"
-    SPECIFICITY = "specificity"
-    PRECISION = "precision"
-    F1 = "f1"
-    ROC_AUC = "roc_auc"
-    PR_AUC = "pr_auc"
-    MCC = "mcc"
-    BRIER = "brier", True
-    ECE = "ece", True
-
-
-class CardConfig(Frozen):
-    """The model card's human text (`register.card`): promotion refuses a version whose card
-    has an empty required field, so blanking one here stops promotion (medimg.analysis.card)."""
-
-    intended_use: str = (
-        "Research and decision support: flag thin blood-smear cell images as Parasitized or "
-        "Uninfected for review by a trained microscopist. Not a diagnosis on its own."
-    )
-    out_of_scope: str = (
-        "Diagnosis without expert review; species identification or parasitaemia counting; "
-        "thick smears, other stains, other microscopes or image sizes than the training data; "
-        "any population or site not represented in the test split."
-    )
-    users: str = "Laboratory staff and researchers evaluating automated malaria screening."
-    ethical_considerations: str = (
-        "Errors fall on patients: a missed infection delays treatment. Use the operating "
-        "threshold chosen for sensitivity, and re-validate on local data before any use."
-    )
-    small_slice: Annotated[int, Field(ge=1)] = 30  # a slice with fewer images: a limitation
-    wide_ci: Annotated[float, Field(gt=0, le=1)] = 0.1  # a 95% CI wider than this: a limitation
-
-
-class RegisterConfig(Frozen):
-    metric: SelectionMetric = SelectionMetric.ACCURACY
-    model_name: str | None = None
-    # local: the register stage promotes on a local store outside DVC experiments (one user);
-    # never: it only records the decision. A shared server is promoted by `medimg promote`.
-    promote: Literal["local", "never"] = "local"
-    card: CardConfig = CardConfig()
-
-    def registered_name(self, dataset: str) -> str:
-        return self.model_name or f"{dataset}-classifier"
-
-
-class GateConfig(Frozen):
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.75
-    min_sensitivity: Annotated[float, Field(ge=0, le=1)] | None = None
-    min_specificity: Annotated[float, Field(ge=0, le=1)] | None = None
-    max_regression: Annotated[float, Field(ge=0, le=1)] = 0.01
-    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
-    slices: SliceGateConfig = SliceGateConfig()
 
 
 class PathsConfig(Frozen):

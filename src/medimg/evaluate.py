@@ -2,9 +2,11 @@
 
 The operating threshold is chosen on the validation split (for `evaluate.target_sensitivity`:
 missing an infection costs more than a false alarm) and then applied unchanged to test, so
-the reported sensitivity is an honest estimate. Confidence intervals resample patients, not
-cells, because cells of one patient are not independent. The same numbers go to DVC
-(`reports/eval/<arch>.json`) and into the architecture's MLflow training run.
+the reported sensitivity is an honest estimate; it is the served model's threshold, so every
+headline rate is at it (the 0.5 rates are kept beside them, labelled `_at_0.5`). Confidence
+intervals resample patients, not cells, because cells of one patient are not independent.
+The same numbers go to DVC (`reports/eval/<arch>.json`) and into the architecture's MLflow
+training run.
 
 This module orchestrates: the int8 file and its benchmark are `medimg.analysis.edge`'s, the
 Grad-CAM examples `medimg.analysis.gradcam`'s, logging the served model
@@ -29,12 +31,11 @@ from medimg.analysis.metrics import (
     binary_metrics,
     expected_calibration_error,
     multiclass_metrics,
-    threshold_for_sensitivity,
 )
+from medimg.analysis.operating import confidence_intervals, operating_threshold
 from medimg.analysis.patient import evaluate_patients
 from medimg.analysis.slice_eval import evaluate_slices, slices_csv_path, write_slices
 from medimg.analysis.slices import tracked_metrics
-from medimg.analysis.stats import bootstrap_ci, rank_auc
 from medimg.classifier_logging import ServingConfig, log_classifier
 from medimg.config import EvaluateConfig, Params
 from medimg.data.shards import stream_split, take_images
@@ -42,113 +43,6 @@ from medimg.errors import DataError
 from medimg.io import atomic_dir, read_json, write_json, write_text
 from medimg.models.loading import load_model
 from medimg.scoring import predicted_labels, probabilities
-
-CI_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
-
-
-def _rate(y: np.ndarray, pred: np.ndarray, cls: int) -> float | None:
-    mask = y == cls
-    return float(np.mean(pred[mask] == cls)) if mask.any() else None
-
-
-def _ci_fn(name: str, threshold: float, binary: bool):
-    """A cheap (y, scores) -> float metric for the bootstrap loop, at a fixed threshold."""
-    if not binary:
-        return lambda y, p: float(np.mean(p.argmax(1) == y))
-    fns = {
-        "accuracy": lambda y, p: float(np.mean((p >= threshold) == y)),
-        "sensitivity": lambda y, p: _rate(y, (p >= threshold).astype(int), 1),
-        "specificity": lambda y, p: _rate(y, (p >= threshold).astype(int), 0),
-        "roc_auc": rank_auc,
-    }
-    return fns[name]
-
-
-def confidence_intervals(
-    y: np.ndarray,
-    probs: np.ndarray,
-    groups: list[str],
-    cfg: EvaluateConfig,
-    seed: int,
-    threshold: float,
-) -> dict[str, Any]:
-    """Patient-level bootstrap CIs of the headline metrics (accuracy only for multi-class)."""
-    binary = probs.ndim == 1
-    names = CI_METRICS if binary else ("accuracy",)
-    return {
-        name: bootstrap_ci(
-            y, probs, groups, _ci_fn(name, threshold, binary), cfg.bootstrap, cfg.ci, seed
-        )
-        for name in names
-    }
-
-
-def operating_threshold(
-    y_val: np.ndarray,
-    p_val: np.ndarray,
-    groups: list[str] | None,
-    cfg: EvaluateConfig,
-    seed: int,
-) -> tuple[float, dict[str, Any]]:
-    """The threshold for `evaluate.target_sensitivity`, and how it was chosen.
-
-    `point`: the highest threshold reaching the target on val. `bootstrap_lower`: the lower
-    (1 - ci) / 2 percentile of that threshold over a patient bootstrap of val, so the target
-    still holds for a new set of patients, not just for these 20-odd. `optimism`: the point
-    threshold for the target raised by the shortfall a patient bootstrap predicts (see
-    `sensitivity_optimism`): on average the target holds on new patients, without the
-    specificity the lower percentile gives away.
-    """
-    target = cfg.target_sensitivity
-    point = threshold_for_sensitivity(y_val, p_val, target)
-    rule = {"rule": cfg.threshold_rule, "point_threshold": point}
-    if cfg.threshold_rule == "point" or cfg.bootstrap == 0:
-        return point, rule
-    if cfg.threshold_rule == "optimism":
-        optimism = sensitivity_optimism(y_val, p_val, groups, target, cfg.bootstrap, seed)
-        corrected = min(1.0, target + optimism)
-        threshold = min(threshold_for_sensitivity(y_val, p_val, corrected), point)
-        return threshold, rule | {"optimism": optimism, "corrected_target": corrected}
-
-    def per_resample(y: np.ndarray, p: np.ndarray) -> float | None:
-        return threshold_for_sensitivity(y, p, target) if y.any() else None
-
-    boot = bootstrap_ci(y_val, p_val, groups, per_resample, cfg.bootstrap, cfg.ci, seed)
-    low = boot["low"] if boot["low"] is not None else point
-    return float(min(low, point)), rule | {"bootstrap_resamples": boot["n_resamples"]}
-
-
-def patient_resamples(groups: list[str] | None, n_rows: int, n: int, seed: int) -> list[np.ndarray]:
-    """`n` row-index sets, each a draw of whole patients with replacement (every row its own
-    patient when `groups` is None): the unit that varies between val and the clinic."""
-    keys = np.arange(n_rows) if groups is None else np.asarray(groups)
-    _, inverse = np.unique(keys, return_inverse=True)
-    rows = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
-    rng = np.random.default_rng(seed)
-    return [
-        np.concatenate([rows[g] for g in draw])
-        for draw in rng.integers(0, len(rows), (n, len(rows)))
-    ]
-
-
-def sensitivity_optimism(
-    y: np.ndarray, p: np.ndarray, groups: list[str] | None, target: float, n: int, seed: int
-) -> float:
-    """How much sensitivity a threshold picked for `target` on val loses on new patients
-    (Efron's bootstrap optimism, >= 0): per patient resample, the sensitivity at the threshold
-    picked on the resample minus the same threshold's on the whole of val, averaged. Picking
-    the highest threshold that just reaches the target on the data at hand over-promises."""
-    y, p = np.asarray(y), np.asarray(p)
-    if not y.any():
-        return 0.0
-    gaps = []
-    for rows in patient_resamples(groups, len(y), n, seed):
-        yb, pb = y[rows], p[rows]
-        if not yb.any():
-            continue
-        t = threshold_for_sensitivity(yb, pb, target)
-        gaps.append(np.mean(pb[yb == 1] >= t) - np.mean(p[y == 1] >= t))
-    return float(max(0.0, np.mean(gaps))) if gaps else 0.0
 
 
 def score(

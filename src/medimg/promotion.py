@@ -66,7 +66,7 @@ def compare_markdown(reports: dict[str, dict[str, Any]], order: list[str], metri
     head = (
         "| # | architecture | threshold | accuracy [95% CI] | sensitivity | specificity "
         "| accuracy / sens / spec at 0.5 | ROC AUC | ECE "
-        "| params | .keras MB | int8 MB | int8 acc | Keras img/s | int8 img/s (1 thread) |"
+        "| params | .keras MB | int8 MB | int8 acc at 0.5 | Keras img/s | int8 img/s (1 thread) |"
     )
     lines = [f"# Architecture comparison (sorted by test {metric})", "", head, "|" + "---|" * 15]
     for i, arch in enumerate(order, 1):

@@ -42,6 +42,14 @@ def test_a_blurred_image_is_less_sharp():
     )
 
 
+def test_sharpness_measures_edges_not_spread():
+    """The same pixel values, as a smooth ramp or scattered: same spread, only one is sharp."""
+    noise = _noise()
+    ramp = np.sort(noise.reshape(-1, 3), axis=0).reshape(noise.shape)
+    assert sorted(noise.ravel()) == sorted(ramp.ravel())  # identical histogram
+    assert image_properties(ramp)["sharpness"] < 0.01 * image_properties(noise)["sharpness"]
+
+
 def test_a_darker_image_is_less_bright_and_brightness_is_mean_luma():
     x = _noise()
     bright, dark = image_properties(x), image_properties((x // 2).astype(np.uint8))

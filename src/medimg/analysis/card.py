@@ -87,6 +87,9 @@ def _at_half(src: CardSources) -> dict[str, Any]:
     """Test metrics at the 0.5 threshold with their patient-bootstrap CIs."""
     details, summary = src.artifacts.get("details") or {}, src.artifacts.get("summary") or {}
     cis, m = details.get("ci") or {}, src.metrics
+    half = details.get("at_0.5")  # since issue 18: the headline (and CIs) are at the served
+    if half is not None:  # threshold, the 0.5 rates (no CIs) under at_0.5
+        details, summary, cis, m = {**details, **half}, {}, {"roc_auc": cis.get("roc_auc")}, {}
     out = {}
     for name in (*HEADLINE, "ece"):
         value = _first(details.get(name), summary.get(name), m.get(f"test_{name}"))
@@ -104,7 +107,8 @@ def _served(src: CardSources) -> dict[str, Any]:
     threshold = _num(_first(point.get("threshold"), src.tags.get("operating_threshold")))
     if threshold is None:
         return {}
-    cis = point.get("ci") or {}
+    details = src.artifacts.get("details") or {}
+    cis = point.get("ci") or (details.get("ci") if "at_0.5" in details else None) or {}
     metrics = {k: _metric(point.get(k), cis.get(k)) for k in HEADLINE}
     return {
         "threshold": threshold,
@@ -346,7 +350,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
                f"{data['positive_class'] or '–'})")  # fmt: skip
     if data["splits"]:
         out += ["", "| split | patients | images |", "|---|---|---|"]
-        for name, s in data["splits"].items():
+        for name in ("train", "val", "test"):
+            s = data["splits"].get(name) or {"patients": None, "images": None}
             out.append(f"| {name} | {_first(s['patients'], '–')} | {_first(s['images'], '–')} |")
     served = qa["served"]
     out += ["", "## Metrics (test, 95% patient-bootstrap CI)", ""]

@@ -234,4 +234,3 @@ def take_images(
         raise IndexError(f"{split_dir}: {split} has no image at index {int(wanted[-1])}")
     row = {int(w): k for k, w in enumerate(wanted)}
     return np.stack(found).astype(np.float32)[[row[int(i)] for i in indices]]
-

@@ -108,8 +108,8 @@ def resolve_model(spec: str, name: str, dest: Path) -> tuple[Path, dict[str, Any
     number, a `models:/` URI, `runs:/<run_id>/<model>` or a bare run id (that run's logged
     model, `classifier` preferred). Works for the pyfunc serving model (the `.keras` artifact)
     and for the Keras flavour (`data/model.keras`). The info has `model_uri`, `name`,
-    `version`, `run_id`, `tags`, the version's `operating_threshold` when tagged, and the
-    serving model's `classes`/`threshold` when it is one.
+    `version`, `run_id`, `tags`, the version's `operating_threshold` (and `patient_threshold`)
+    when tagged, and the serving model's `classes`/`threshold` when it is one.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
