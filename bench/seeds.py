@@ -67,6 +67,8 @@ def make_data(work: Path, data_seed: int) -> None:
     from medimg.validate import run as validate
 
     params = run_params(work, data_seed, data_seed, "simple_cnn", None, None)
+    reports = {"reports": str(work / f"data-{data_seed}" / "reports")}  # validation, data docs
+    params = params.model_copy(update={"paths": params.paths.model_copy(update=reports)})
     if params.paths.classes_json.exists():
         return
     for stage in (download, validate, split):
@@ -163,7 +165,8 @@ def main() -> None:
         )
     data = "data seed = training seed" if same else f"data seed {args.data_seed} (fixed)"
     model = parse_model(args.model)
-    print(f"\n{args.arch} {model or ''}, default synthetic set, {data}; per-run log: {log}")
+    name = f"{args.arch} {model}" if model else args.arch
+    print(f"\n{name}, default synthetic set, {data}; per-run log: {log}")
     print("| seed | data seed | best epoch | best val acc | test acc | minutes |")
     print("|---|---|---|---|---|---|")
     for r in rows:

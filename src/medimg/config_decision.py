@@ -63,6 +63,9 @@ class EvaluateConfig(Frozen):
     # optimism: the point threshold for the target plus the shortfall a patient bootstrap
     # of val predicts on new patients (bench/threshold_rules.py compares them)
     threshold_rule: Literal["point", "bootstrap_lower", "optimism"] = "bootstrap_lower"
+    # bootstrap_lower only: the most val specificity its margin may cost below the point
+    # threshold's (null: no cap)
+    max_specificity_cost: Annotated[float, Field(ge=0, le=1)] | None = 0.05
     tta: bool = False  # mean over the 8 flips/90° rotations, here, in predict and serving
     temperature_scaling: bool = True  # one temperature fitted on val, applied everywhere
     bootstrap: Annotated[int, Field(ge=0)] = 1000

@@ -54,8 +54,10 @@ def test_builders_return_fresh_models() -> None:
 @pytest.mark.parametrize(
     ("name", "size", "num_classes", "total", "trainable"),
     [
-        # seed 001 basic CNN (the article's own count)
-        ("simple_cnn", 125, 2, 15_102_529, 15_102_529),
+        # seed 001 basic CNN: the article's 15,102,529 (batch_norm=False, test_simple_cnn.py)
+        # + BN before each ReLU: 5 biases out (-1,248), 5 BNs in (2,496 trainable + 2,496
+        # moving statistics)
+        ("simple_cnn", 125, 2, 15_106_273, 15_103_777),
         # seed 001: "22.6M params, 2.6M trainable"
         ("vgg19_frozen", 125, 2, 22_647_361, 2_622_977),
         # same network; blocks 4-5 (17,698,816) + head (2,622,977) trainable

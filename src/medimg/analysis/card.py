@@ -317,13 +317,19 @@ def summary_markdown(card: Mapping[str, Any], link: str = "") -> str:
     """A few lines for the registered version's description (MLflow renders it as markdown)."""
     md, qa = card["model_details"], card["quantitative_analysis"]
     served = qa["served"]
-    acc = _metric_cell(qa["at_0_5"].get("accuracy"))
+    at_served = served.get("metrics") or {}
+    rates = ", ".join(
+        f"{name} {_metric_cell(at_served.get(name))}"
+        for name in ("accuracy", "sensitivity", "specificity")
+    )
     lines = [
         f"**{md['name']} v{md['version']}** ({md['architecture']}), registered by "
         f"{md['registered_by'] or '?'} on {md['created'] or '?'}",
         "",
-        f"- test accuracy at 0.5: {acc}; served threshold {_f(served.get('threshold'))} "
-        f"({served.get('rule') or '–'})",
+        f"- test at the served threshold {_f(served.get('threshold'))} "
+        f"({served.get('rule') or '–'}): {rates}",
+        f"- test accuracy at 0.5 (not the served decision): "
+        f"{_metric_cell(qa['at_0_5'].get('accuracy'))}",
         f"- data: {card['model_parameters']['data']['fingerprint']}, commit {md['git_commit']}",
         f"- intended use: {card['considerations']['intended_use']}",
         f"- limitations: {len(card['considerations']['limitations'])} (see the card)",

@@ -12,18 +12,19 @@ of training seeds 1-5 (data fixed) the best epoch was 1 with val accuracy 0.542 
 both the class prior (`bench/seeds.py`). Why:
 
 - fc1 sums 8,192 Flatten features that are all >= 0 (ReLU, max-pool) and nearly the same for
-  every cell: at init their mean is 0.046 and their spread across cells 0.008, so 41% of fc1
-  units are already negative for every cell and the output varies by 0.002 between cells.
+  every cell: at init (seed 1) their mean is 0.046 and their spread across cells 0.008, so 40%
+  of fc1 units are already negative for every cell and the output varies by 0.002 between cells.
 - Adam's first steps move each weight by about the learning rate in the sign of its gradient,
   and that sign is the same along a whole fc1 row (the gradient is delta_j * x_i with x_i >= 0).
-  Each step therefore shifts every fc1 pre-activation by about lr * sum(x) = 1e-3 * 8192 *
-  0.046 = 0.38 in the same direction for all cells, ~25x their cell-to-cell spread (0.016).
-  The initialiser does not change that ratio (it is lr * fan_in * mean / spread of the
-  features: He init scales both), and a 10x lower rate or a 2-epoch warm-up only delays it.
-- The output swings across the prior (p = 0.49, 0.41, 0.75, 0.50 over the first steps), and the
-  fastest way down that loss is to switch the features off: within 150 steps the Flatten mean
-  falls 150x, 70% of conv3 channels and 87% of fc1 units are dead for every cell, and the
-  model predicts the prior from then on.
+  Each step therefore shifts every live fc1 pre-activation by up to lr * sum(x) = 1e-3 * 8192 *
+  0.046 = 0.38 the same way for all cells: the first step's shift (median over units) was
+  15-22x the units' spread across cells for seeds 1-3. The initialiser does not change that
+  ratio (about lr * fan_in * mean / spread of the features: He init scales both, and seed 1
+  stayed at the prior with it); a 10x lower rate or a 2-epoch warm-up only delayed it.
+- The output swings across the prior (p = 0.49, 0.41, 0.75, 0.50, 0.36 over the first steps),
+  and the fastest way down that loss is to switch the features off: within 60 steps the
+  Flatten mean falls 200x, and 45% of conv3 channels and 80% of fc1 units are dead for every
+  cell; the model predicts the prior from then on.
 
 BatchNormalization removes the per-unit shift that is common to all cells, and keeps each
 layer's scale fixed so the features cannot be switched off. It is needed in both places:
