@@ -279,7 +279,7 @@ def test_optimism_rule_holds_the_target_on_new_patients_for_less_specificity():
         y, p = _overlapping_cells(np.random.default_rng(draw), len(groups))
         assert sensitivity_optimism(y, p, groups, 0.95, 50, seed=0) >= 0
         for rule in ("point", "bootstrap_lower", "optimism"):
-            cfg = EvaluateConfig(threshold_rule=rule, bootstrap=100)
+            cfg = EvaluateConfig(threshold_rule=rule, bootstrap=100, max_specificity_cost=None)
             t, how = operating_threshold(y, p, groups, cfg, seed=0)
             assert t <= how["point_threshold"]
             sens, spec = np.mean(p_new[y_new == 1] >= t), np.mean(p_new[y_new == 0] < t)
