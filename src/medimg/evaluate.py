@@ -35,7 +35,7 @@ from medimg.analysis.metrics import (
 from medimg.analysis.operating import confidence_intervals, operating_threshold
 from medimg.analysis.patient import evaluate_patients
 from medimg.analysis.slice_eval import evaluate_slices, slices_csv_path, write_slices
-from medimg.analysis.slices import tracked_metrics
+from medimg.analysis.slices import tracked_metrics, worst_slice_metrics
 from medimg.classifier_logging import ServingConfig, log_classifier
 from medimg.config import EvaluateConfig, Params
 from medimg.data.shards import stream_split, take_images
@@ -322,7 +322,7 @@ def run(params: Params, arch: str) -> dict[str, Any]:
     frame = predictions_frame(scored["paths"], patients, y, probs, classes, serving.threshold)
     write_text(paths.eval_predictions(arch), frame.to_csv(index=False))
     write_text(paths.eval_roc(arch), roc_csv(y, probs))
-    write_json(paths.eval_metrics(arch), dvc_metrics(flat))
+    write_json(paths.eval_metrics(arch), dvc_metrics(flat) | worst_slice_metrics(slices))
     files = [*sorted(out.iterdir()), paths.eval_predictions(arch), paths.eval_roc(arch)]
     _log_test_results(params, run_info, flat, files, info["fingerprint"])
     if slices is not None:  # slice/<name>/<metric>

@@ -261,3 +261,14 @@ def test_register_refuses_a_candidate_whose_slice_regressed_and_medimg_gate_agre
     capsys.readouterr()
     assert gate(params) == 1  # the re-check sees the slice too
     assert "slice brightness.low" in capsys.readouterr().out
+
+
+def test_worst_slice_metrics_names_the_lowest_gated_slice():
+    from medimg.analysis.slices import worst_slice_metrics
+
+    def row(name, acc, small=False):
+        return {"name": name, "too_small": small, "metrics": {"accuracy": acc}}
+
+    report = {"slices": [row("a", 0.9), row("tiny", 0.1, small=True), row("b", 0.7)]}
+    assert worst_slice_metrics(report) == {"worst_slice": "b", "worst_slice_accuracy": 0.7}
+    assert worst_slice_metrics(None) == {} and worst_slice_metrics({"slices": []}) == {}

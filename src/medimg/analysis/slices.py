@@ -245,6 +245,18 @@ def worst(report: dict[str, Any], n: int | None = None) -> list[dict[str, Any]]:
     return ranked if n is None else ranked[:n]
 
 
+def worst_slice_metrics(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The worst gated slice's name and accuracy, for `reports/eval/<arch>.json`: one column
+    pair that `dvc exp show` puts beside the headline (empty when there are no slices)."""
+    ranked = worst(report or {}, 1)
+    if not ranked:
+        return {}
+    return {
+        "worst_slice": ranked[0]["name"],
+        "worst_slice_accuracy": ranked[0]["metrics"]["accuracy"],
+    }
+
+
 def plot_rows(report: dict[str, Any]) -> pd.DataFrame:
     """The DVC plot's data: every slice, worst accuracy first (too small ones marked)."""
     rows = [
