@@ -8,6 +8,7 @@ without it those checks skip and the synthetic-image variants still run.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import os
 import signal
@@ -112,6 +113,44 @@ def test_pyfunc_threshold_param_and_bad_input(pyfunc):
     assert err.value.get_http_status_code() == 400
     with pytest.raises(MlflowException, match=r"\(N, H, W, 3\)"):
         pyfunc.predict(np.zeros((2, 8, 8)))
+
+
+def test_loading_warms_the_model_up_and_logs_nothing_by_default(pyfunc):
+    served = pyfunc.unwrap_python_model()
+    assert served.warmed_up is True  # one black image scored at load: no tracing on request 1
+    assert served.request_log is None  # MEDIMG_REQUEST_LOG unset: logging off
+    broken = copy.copy(served)
+    broken.model = None  # a warm-up that fails is skipped, not a failed load
+    assert broken._warm_up() is False
+
+
+def test_request_log_records_each_scored_image(reg, tmp_path, monkeypatch):
+    import mlflow
+
+    from medimg.data.properties import image_properties
+    from medimg.monitoring.request_log import pixels_sha256
+
+    folder = tmp_path / "requests"
+    monkeypatch.setenv("MEDIMG_REQUEST_LOG", str(folder))
+    monkeypatch.setenv("MEDIMG_MODEL_ALIAS", "champion")
+    mlflow.set_tracking_uri(reg.params.mlflow.tracking_uri)
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    cells = synthetic_cells()
+    answer = model.predict(pd.DataFrame({"image": [b64(c) for c in cells]}))
+    log = model.unwrap_python_model().request_log
+    assert log.flush()
+    log.close()
+
+    rows = pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))])
+    assert len(rows) == len(cells)  # one per image; the warm-up image is not logged
+    assert list(rows["sha256"]) == [pixels_sha256(pixels(c)) for c in cells]
+    assert list(rows["model_alias"]) == ["champion"] * 2
+    assert list(rows["decision"]) == list(answer["class"])
+    np.testing.assert_allclose(rows["p_Parasitized"], answer["p_Parasitized"])
+    expected = image_properties(pixels(cells[1]))
+    assert rows["width"].iloc[1] == expected["width"] == 45  # the original size, not the model's
+    assert rows["sharpness"].iloc[1] == pytest.approx(expected["sharpness"])
+    assert log.errors == 0 and log.dropped == 0
 
 
 # ------------------------------------------------------------------ without medimg installed

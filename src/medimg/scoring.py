@@ -17,7 +17,7 @@ import pandas as pd
 
 from medimg.analysis.calibration import apply_temperature
 from medimg.analysis.metrics import predicted_labels
-from medimg.data.images import MAX_PIXELS, batch_for, images_from_input
+from medimg.data.images import MAX_PIXELS, batch_for, decode_input, resize_batch
 from medimg.errors import MedimgError
 
 DEFAULT_THRESHOLD = 0.5
@@ -119,9 +119,17 @@ def score_request(
     max_pixels: int = MAX_PIXELS,
     tta: bool = False,
     temperature: float = 1.0,
+    decoded: list[np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """The served model's whole `predict`: decode (pixel-bounded) → model → result rows."""
-    x = images_from_input(model_input, size, max_pixels)
+    """The served model's whole `predict`: decode (pixel-bounded) → model → result rows.
+
+    `decoded`: a list that receives each image at its original size, as decoded, before the
+    resize (the served model's request log measures them without decoding twice).
+    """
+    originals = decode_input(model_input, max_pixels)
+    if decoded is not None:
+        decoded.extend(originals)
+    x = resize_batch(originals, size)
     probs = probabilities(model, x, tta=tta, temperature=temperature)
     return result_frame(probs, classes, threshold)
 

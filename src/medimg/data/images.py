@@ -178,15 +178,23 @@ def images_from_input(model_input: Any, size: int, max_pixels: int = MAX_PIXELS)
     - an array or list of base64 strings, or a list of (H, W, 3) arrays of varying sizes;
     - a dict (MLflow's `{"inputs": {"image": ...}}`) with an `image` key or a single key.
     """
+    return resize_batch(decode_input(model_input, max_pixels), size)
+
+
+def decode_input(model_input: Any, max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
+    """The images of a serving request (see `images_from_input`) at their original size, before
+    the model's resize: one (H, W, 3) array each (uint8 if decoded from PNG/JPEG, float32 if
+    sent as pixels). The served model's request log measures these, so nothing decodes twice.
+    """
     if isinstance(model_input, pd.DataFrame):
-        return _from_frame(model_input, size, max_pixels)
+        return _from_frame(model_input, max_pixels)
     if isinstance(model_input, dict):
         value = _only_value(model_input, list(model_input))
-        return images_from_input(value, size, max_pixels)
+        return decode_input(value, max_pixels)
     if isinstance(model_input, list | tuple):
-        return _from_list(list(model_input), size, max_pixels)
+        return _from_list(list(model_input), max_pixels)
     if isinstance(model_input, np.ndarray):
-        return _from_array(model_input, size, max_pixels)
+        return _from_array(model_input, max_pixels)
     raise ImageInputError(
         f"unsupported input type {type(model_input).__name__}: send a DataFrame with a base64 "
         "'image' column or an (N, H, W, 3) array of pixels"
@@ -203,18 +211,17 @@ def _only_value(mapping: Any, keys: list[str]) -> Any:
     )
 
 
-def _from_frame(frame: pd.DataFrame, size: int, max_pixels: int) -> np.ndarray:
+def _from_frame(frame: pd.DataFrame, max_pixels: int) -> list[np.ndarray]:
     column = _only_value(frame, [str(c) for c in frame.columns])
     if len(column) == 0:
         raise ImageInputError("the request holds no images")
-    return _from_list(list(column), size, max_pixels)
+    return _from_list(list(column), max_pixels)
 
 
-def _from_list(items: list[Any], size: int, max_pixels: int) -> np.ndarray:
+def _from_list(items: list[Any], max_pixels: int) -> list[np.ndarray]:
     if not items:
         raise ImageInputError("the request holds no images")
-    decoded = [_one_item(item, f"image {i}", max_pixels) for i, item in enumerate(items)]
-    return resize_batch(decoded, size)
+    return [_one_item(item, f"image {i}", max_pixels) for i, item in enumerate(items)]
 
 
 def _one_item(item: Any, source: str, max_pixels: int) -> np.ndarray:
@@ -234,10 +241,10 @@ def _is_encoded_image(data: bytes) -> bool:
     return data.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*", b"MM\0"))
 
 
-def _from_array(arr: np.ndarray, size: int, max_pixels: int) -> np.ndarray:
+def _from_array(arr: np.ndarray, max_pixels: int) -> list[np.ndarray]:
     if arr.dtype.kind in "USO":  # strings (base64) or objects (ragged images)
         items = list(arr.reshape(-1)) if arr.dtype.kind in "US" else list(arr)
-        return _from_list(items, size, max_pixels)
+        return _from_list(items, max_pixels)
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or 0 in arr.shape:
@@ -245,7 +252,7 @@ def _from_array(arr: np.ndarray, size: int, max_pixels: int) -> np.ndarray:
             f"expected raw RGB pixels of shape (N, H, W, 3) or (H, W, 3), got {arr.shape}"
         )
     _check_pixels(arr.shape[2], arr.shape[1], max_pixels, "input")
-    return resize_batch(list(_pixels(arr, "input")), size)
+    return list(_pixels(arr, "input"))
 
 
 def _pixels(arr: np.ndarray, source: str) -> np.ndarray:

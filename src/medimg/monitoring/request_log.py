@@ -1,0 +1,330 @@
+"""The served model's request log: one row per scored image, as Parquet parts in a local folder.
+
+Off unless `MEDIMG_REQUEST_LOG` names a folder (`RequestLog.from_env`). Each row holds the
+time (UTC), the model (`MEDIMG_MODEL_NAME` / `MEDIMG_MODEL_VERSION` / `MEDIMG_MODEL_ALIAS`,
+else null), `sha256` (of the image's decoded pixels: the (H, W, 3) uint8 RGB array's bytes,
+C order, as decoded at the original size; float pixels sent as arrays are rounded and clipped
+to 0-255 first, so one image sent as PNG or as pixels hashes the same; H and W are the
+`height` / `width` columns), the image's properties (`medimg.data.properties`, on those same
+original-size pixels: the served model hands over what it decoded, nothing decodes twice) and
+the answer (`decision`, `probability`, `p_<class>`, `threshold`). Never the pixels.
+
+Work stays off the request path: `log_request` only puts the request (the decoded arrays, not
+a copy, and a copy of the small answer frame) on a bounded queue, also bounded in queued pixel
+bytes (`max_queued_mb`); one daemon thread hashes, measures and writes a part every
+`flush_every` records or `flush_seconds`, as
+`part-<utc>-<pid>-<seq>.parquet` (written under a temporary name, then `os.replace`d: a
+reader never sees half a part). The folder is append-only and bounded: over `max_mb`
+(`MEDIMG_REQUEST_LOG_MAX_MB`, default 512) the oldest parts are deleted.
+
+A request never fails or waits because of the log: a full queue drops the records (`dropped`),
+a failed write (read-only folder, disk full, no pyarrow) counts in `errors` and its records
+in `lost`; the counters are attributes and, when the folder can be written, `status.json`.
+Remaining records are flushed at interpreter exit (atexit), best-effort.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENV_FOLDER = "MEDIMG_REQUEST_LOG"
+ENV_MAX_MB = "MEDIMG_REQUEST_LOG_MAX_MB"
+ENV_MODEL = {
+    "model_name": "MEDIMG_MODEL_NAME",
+    "model_version": "MEDIMG_MODEL_VERSION",
+    "model_alias": "MEDIMG_MODEL_ALIAS",
+}
+DEFAULT_MAX_MB = 512.0
+STATUS_FILE = "status.json"
+PART_GLOB = "part-*.parquet"
+
+
+class _Flush:
+    """A queue marker: write what is pending now, then set `done`."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+@dataclass
+class _Request:
+    """A scored request waiting for the writer: its images as decoded, and its answer."""
+
+    time: datetime
+    images: list[Any]
+    answer: Any
+    nbytes: int
+
+
+def pixels_sha256(pixels: Any) -> str:
+    """sha256 of an image's (H, W, 3) uint8 RGB pixel bytes (C order); floats rounded to 0-255."""
+    x = np.asarray(pixels)
+    if x.dtype != np.uint8:
+        x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+class RequestLog:
+    """Records of scored images → Parquet parts in `folder`, written by one background thread."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        max_mb: float = DEFAULT_MAX_MB,
+        flush_every: int = 256,
+        flush_seconds: float = 10.0,
+        queue_size: int = 10_000,
+        max_queued_mb: float = 256.0,
+        start: bool = True,
+    ) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        self.flush_every = max(1, int(flush_every))
+        self.flush_seconds = float(flush_seconds)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(queue_size)))
+        self.max_queued_bytes = int(max_queued_mb * 1024 * 1024)  # decoded pixels held queued
+        self.queued_bytes = 0
+        self._lock = threading.Lock()
+        self.model = {key: os.environ.get(env) or None for key, env in ENV_MODEL.items()}
+        self.logged = 0  # records queued
+        self.dropped = 0  # records refused: queue full, or not loggable
+        self.written = 0  # records in parts on disk
+        self.lost = 0  # records in a part that failed to write
+        self.errors = 0  # failed writes (of a part or of status.json)
+        self.deleted = 0  # parts deleted to keep the folder under max_bytes
+        self.last_error: str | None = None
+        self._seq = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="medimg-request-log", daemon=True)
+        if start:
+            self.start()
+        atexit.register(self.close)
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> RequestLog | None:
+        """The log `MEDIMG_REQUEST_LOG` asks for, or None (logging off) when it is unset."""
+        folder = os.environ.get(ENV_FOLDER, "").strip()
+        if not folder:
+            return None
+        max_mb = float(os.environ.get(ENV_MAX_MB) or DEFAULT_MAX_MB)
+        return cls(folder, max_mb=max_mb, **kwargs)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    # ------------------------------------------------------------------------- request path
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Queue one ready record; never raises, never waits (a full queue drops it, counted)."""
+        self._put(record, 1, 0)
+
+    def log_request(self, images: Sequence[Any], answer: Any) -> None:
+        """Queue a scored request: `images` at their original size (as decoded), `answer` the
+        result frame (one row per image, same order). Never raises, never waits: the hash and
+        the properties are computed by the writer thread, which holds the decoded arrays (not
+        a copy) until then; a request over the queued-pixels budget is dropped, counted."""
+        try:
+            images = list(images)
+            nbytes = sum(int(np.asarray(x).nbytes) for x in images)
+            item = _Request(datetime.now(UTC), images, answer.copy(), nbytes)
+        except Exception as err:  # the answer goes out whatever happens here
+            self._count(dropped=1)
+            self.last_error = f"record: {type(err).__name__}: {err}"
+            return
+        if self.queued_bytes + nbytes > self.max_queued_bytes:
+            self._count(dropped=len(images))
+            return
+        self._put(item, len(images), nbytes)
+
+    def _put(self, item: Any, n: int, nbytes: int) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            self._count(dropped=n)
+        except Exception:  # pragma: no cover - a queue that cannot take the item
+            self._count(dropped=n)
+        else:
+            self._count(logged=n, queued_bytes=nbytes)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def _records(self, request: _Request) -> list[dict[str, Any]]:
+        """The rows of a queued request (writer thread): hash, properties, model, answer."""
+        from medimg.data.properties import image_properties
+
+        self._count(queued_bytes=-request.nbytes)
+        try:
+            rows = request.answer.to_dict("records")
+        except Exception as err:
+            self._count(dropped=len(request.images))
+            self.last_error = f"record: {type(err).__name__}: {err}"
+            return []
+        records = []
+        for i, pixels in enumerate(request.images):
+            try:
+                row = dict(rows[i])
+                record: dict[str, Any] = {"time": request.time, **self.model}
+                record["sha256"] = pixels_sha256(pixels)
+                record.update(image_properties(pixels))
+                record["decision"] = str(row.pop("class"))
+                record.update({key: _plain(value) for key, value in row.items()})
+            except Exception as err:
+                self._count(dropped=1)
+                self.last_error = f"record: {type(err).__name__}: {err}"
+                continue
+            records.append(record)
+        return records
+
+    # ------------------------------------------------------------------------------ control
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Write every queued record now (waits for the writer; not for the request path)."""
+        if not self._thread.is_alive():
+            return False
+        marker = _Flush()
+        try:
+            self.queue.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush and stop the writer (atexit calls it); idempotent, never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+        if self._thread.is_alive():
+            try:
+                self.queue.put(_STOP, timeout=timeout)
+                self._thread.join(timeout)
+            except Exception:
+                self._count(errors=1)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder),
+            "pid": os.getpid(),
+            "updated": datetime.now(UTC).isoformat(),
+            "logged": self.logged,
+            "written": self.written,
+            "dropped": self.dropped,
+            "lost": self.lost,
+            "errors": self.errors,
+            "deleted_parts": self.deleted,
+            "queued": self.queue.qsize(),
+            "queued_bytes": self.queued_bytes,
+            "max_bytes": self.max_bytes,
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------------------- writer
+
+    def _run(self) -> None:
+        pending: list[dict[str, Any]] = []
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                self._write(pending)
+                return
+            if isinstance(item, _Flush):
+                self._write(pending)
+                pending = []
+                deadline = time.monotonic() + self.flush_seconds
+                item.done.set()
+                continue
+            if isinstance(item, _Request):
+                pending.extend(self._records(item))
+            elif item is not None:
+                pending.append(item)
+            if len(pending) >= self.flush_every or time.monotonic() >= deadline:
+                self._write(pending)
+                pending = []
+                deadline = time.monotonic() + self.flush_seconds
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._seq += 1
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            name = f"part-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
+            tmp = self.folder / f".{name}.tmp"
+            try:
+                pq.write_table(pa.Table.from_pylist(records), tmp)
+                os.replace(tmp, self.folder / name)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+            self._count(written=len(records))
+            self._bound(keep=name)
+        except Exception as err:  # a read-only or full disk: count it, keep serving
+            self._count(errors=1)
+            self._count(lost=len(records))
+            self.last_error = f"write: {type(err).__name__}: {err}"
+        self._write_status()
+
+    def _bound(self, keep: str) -> None:
+        """Delete the oldest parts while the folder's parts exceed max_bytes (not `keep`)."""
+        parts = []
+        for path in self.folder.glob(PART_GLOB):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                parts.append((stat.st_mtime, path.name, stat.st_size, path))
+        parts.sort()
+        total = sum(size for _, _, size, _ in parts)
+        for _, name, size, path in parts:
+            if total <= self.max_bytes:
+                break
+            if name == keep:
+                continue
+            try:
+                path.unlink()
+                total -= size
+                self._count(deleted=1)
+            except OSError as err:
+                self._count(errors=1)
+                self.last_error = f"delete: {type(err).__name__}: {err}"
+
+    def _write_status(self) -> None:
+        try:
+            tmp = self.folder / f".{STATUS_FILE}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self.status(), indent=1))
+            os.replace(tmp, self.folder / STATUS_FILE)
+        except Exception:
+            pass  # a folder we cannot write: the counters stay readable on the object
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars → Python ones (pyarrow infers from them either way; NaN stays NaN)."""
+    return value.item() if isinstance(value, np.generic) else value

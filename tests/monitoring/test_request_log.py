@@ -1,0 +1,163 @@
+"""The served model's request log: Parquet parts, off the request path, never failing a request."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medimg.data.properties import PROPERTIES, image_properties
+from medimg.monitoring.request_log import RequestLog, pixels_sha256
+
+
+def image(seed: int, h: int = 20, w: int = 24) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def answer(n: int) -> pd.DataFrame:
+    p = np.linspace(0.1, 0.9, n)
+    return pd.DataFrame(
+        {
+            "class": np.where(p >= 0.5, "Parasitized", "Uninfected"),
+            "probability": np.maximum(p, 1 - p),
+            "p_Parasitized": p,
+            "threshold": 0.5,
+        }
+    )
+
+
+def parts(folder) -> list:
+    return sorted(folder.glob("part-*.parquet"))
+
+
+def test_records_are_written_as_parquet_with_expected_columns(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDIMG_REQUEST_LOG", str(tmp_path / "log"))
+    monkeypatch.setenv("MEDIMG_MODEL_NAME", "malaria-classifier")
+    monkeypatch.setenv("MEDIMG_MODEL_VERSION", "3")
+    monkeypatch.delenv("MEDIMG_MODEL_ALIAS", raising=False)
+    log = RequestLog.from_env(flush_seconds=60)
+    images = [image(1), image(2, 30, 17), image(1).astype(np.float32)]
+    log.log_request(images, answer(3))
+    assert log.flush()
+    log.close()
+
+    files = parts(tmp_path / "log")
+    assert len(files) == 1 and not list((tmp_path / "log").glob(".*tmp"))
+    rows = pd.read_parquet(files[0])
+    expected = {"time", "model_name", "model_version", "model_alias", "sha256", "decision"}
+    expected |= set(PROPERTIES) | {"probability", "p_Parasitized", "threshold"}
+    assert set(rows.columns) == expected
+    assert len(rows) == 3
+    assert str(rows["time"].dt.tz) == "UTC"
+    assert list(rows["model_name"]) == ["malaria-classifier"] * 3
+    assert list(rows["model_version"]) == ["3"] * 3 and rows["model_alias"].isna().all()
+    assert list(rows["sha256"]) == [pixels_sha256(x) for x in images]
+    assert rows["sha256"][0] == rows["sha256"][2]  # same pixels as uint8 or float: same hash
+    assert list(rows["height"]) == [20, 30, 20] and list(rows["width"]) == [24, 17, 24]
+    assert rows["brightness"][1] == pytest.approx(image_properties(images[1])["brightness"])
+    assert list(rows["decision"]) == list(answer(3)["class"])
+    np.testing.assert_allclose(rows["p_Parasitized"], answer(3)["p_Parasitized"])
+    status = json.loads((tmp_path / "log" / "status.json").read_text())
+    assert status["written"] == 3 and status["errors"] == 0 and status["dropped"] == 0
+
+
+def test_logging_is_off_without_the_env_var(monkeypatch):
+    monkeypatch.delenv("MEDIMG_REQUEST_LOG", raising=False)
+    assert RequestLog.from_env() is None
+
+
+def test_time_based_flush_writes_without_an_explicit_flush(tmp_path):
+    log = RequestLog(tmp_path, flush_every=1000, flush_seconds=0.2)
+    log.log_request([image(1)], answer(1))
+    deadline = time.monotonic() + 10
+    while not parts(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.close()
+    assert len(parts(tmp_path)) == 1
+
+
+def unwritable(tmp_path):
+    """A read-only folder; as root (where chmod does not bind) a *file* where the folder goes."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if not os.access(folder, os.W_OK):
+        return folder
+    folder.chmod(0o700)
+    folder.rmdir()
+    folder.write_text("not a folder")
+    return folder
+
+
+def test_a_write_error_is_counted_and_never_raised(tmp_path):
+    folder = unwritable(tmp_path)
+    try:
+        log = RequestLog(folder, flush_seconds=60)
+        log.log_request([image(1), image(2)], answer(2))  # returns: no exception
+        assert log.flush()
+        log.log_request([image(3)], answer(1))
+        assert log.flush()
+        log.close()
+        assert log.errors == 2 and log.lost == 3 and log.written == 0
+        assert log.last_error and log.last_error.startswith("write:")
+    finally:
+        if folder.is_dir():
+            folder.chmod(0o700)
+    assert not folder.is_dir() or not parts(folder)
+
+
+def test_the_folder_is_bounded_by_deleting_the_oldest_parts(tmp_path):
+    log = RequestLog(tmp_path, max_mb=1e-9, flush_seconds=60)  # any part is over the bound
+    for i in range(3):
+        log.log_request([image(i)], answer(1))
+        assert log.flush()
+        time.sleep(0.01)
+    first = parts(tmp_path)
+    log.close()
+    assert len(first) == 1  # only the newest part is kept
+    assert log.deleted == 2 and log.written == 3
+    assert pd.read_parquet(first[0])["sha256"][0] == pixels_sha256(image(2))
+
+    roomy = RequestLog(tmp_path / "roomy", max_mb=512, flush_seconds=60)
+    for i in range(3):
+        roomy.log_request([image(i)], answer(1))
+        assert roomy.flush()
+    roomy.close()
+    assert len(parts(tmp_path / "roomy")) == 3 and roomy.deleted == 0
+
+
+def test_a_full_queue_drops_and_counts_without_waiting(tmp_path):
+    log = RequestLog(tmp_path, queue_size=2, flush_seconds=60, start=False)
+    started = time.monotonic()
+    for i in range(5):  # one request of one image each; no writer running: 2 fit
+        log.log_request([image(i)], answer(1))
+    assert time.monotonic() - started < 1.0
+    assert log.logged == 2 and log.dropped == 3
+    log.start()
+    assert log.flush()
+    log.close()
+    assert len(pd.read_parquet(parts(tmp_path)[0])) == 2
+    assert json.loads((tmp_path / "status.json").read_text())["dropped"] == 3
+
+
+def test_a_record_that_cannot_be_built_is_dropped_not_raised(tmp_path):
+    log = RequestLog(tmp_path, flush_seconds=60)
+    log.log_request([np.zeros((4, 4))[..., None][..., :0]], answer(1))  # no channels
+    log.log_request(None, answer(1))  # type: ignore[arg-type]
+    log.close()
+    assert log.dropped == 2 and log.written == 0
+
+
+def test_queued_pixels_are_bounded_in_bytes(tmp_path):
+    log = RequestLog(tmp_path, max_queued_mb=2000 / 2**20, flush_seconds=60, start=False)
+    log.log_request([image(1), image(2)], answer(2))  # 2 x 1440 bytes: over 2000
+    log.log_request([image(3)], answer(1))
+    assert log.dropped == 2 and log.logged == 1 and log.queued_bytes == 1440
+    log.start()
+    assert log.flush()
+    log.close()
+    assert log.queued_bytes == 0 and log.written == 1
