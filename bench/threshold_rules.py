@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from scale import git_clone
+
 REPO = Path(__file__).resolve().parents[1]
 DEV_ZIP = Path("/work/shared/data/malaria/cell_images_dev.zip")
 ARCH = "compact_cnn"
@@ -48,28 +50,6 @@ RULES: dict[str, tuple[str, float]] = {
 }
 
 
-def copy_repo(dest: Path) -> None:
-    """This working tree (tracked + untracked, not ignored; no data, models, reports or
-    store) as a fresh git repo at `dest`, for DVC to run in."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("mlruns/", "data/", "models/", "reports/")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    commit = ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "copy"]
-    subprocess.run(commit, cwd=dest, check=True, capture_output=True)
-
-
 def real_params(params: dict, zip_path: Path) -> dict:
     """params.yaml for the real dev set: the `-S` edits, nothing else changed."""
     params["dataset"] |= {"source": "local", "path": str(zip_path)}
@@ -79,11 +59,11 @@ def real_params(params: dict, zip_path: Path) -> dict:
 
 
 def repro(work: Path, zip_path: Path) -> None:
-    """The real stages in `work` (a fresh copy), importing the copy's own code."""
+    """The real stages in `work` (a fresh clone of the committed repo, as the other real-data
+    benches run), importing the clone's own code."""
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
-    copy_repo(work)
+    git_clone(work)
     params_file = work / "params.yaml"
     params = real_params(yaml.safe_load(params_file.read_text()), zip_path)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -22,13 +22,14 @@ from medimg.commands import history
 from medimg.commands.gate import rollback
 from medimg.tracking import audit
 from medimg.tracking.model_card import DIGEST_TAG
-from tests.tracking.test_server import CI, MEMBER, MODEL, Server, as_user, cli, server_dir
+from tests.tracking.test_server import CI, MEMBER, MODEL, Server, as_user
 from tests.tracking.test_team_flow import (
     N,
     correct_first,
     log_member_candidate,
     make_workspace,
     promote,
+    team_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -36,17 +37,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    """The team server with a member and a ci account; always stopped, nothing survives."""
-    with server_dir("medimg-audit-") as folder:
-        srv = Server(folder / "root")
-        srv.start()
-        try:
-            for (name, password), role in ((MEMBER, "member"), (CI, "ci")):
-                assert cli("user", "add", name, "--password", password, "--role", role,
-                           "--root", str(srv.root)) == 0  # fmt: skip
-            yield srv
-        finally:
-            srv.stop()
+    with team_server("medimg-audit-") as srv:
+        yield srv
 
 
 def test_ci_moves_are_audited_and_members_cannot_write_the_trail_or_the_card(

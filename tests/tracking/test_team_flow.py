@@ -12,6 +12,7 @@ and `Server.stop` checks that no PostgreSQL or MLflow process of its root surviv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,7 +29,16 @@ from mlflow.exceptions import MlflowException
 from medimg.config import Params
 from medimg.io import read_json, write_json
 from tests.conftest import log_candidate, tiny_params
-from tests.tracking.test_server import CI, MEMBER, MODEL, Server, as_user, cli, free_port
+from tests.tracking.test_server import (
+    CI,
+    MEMBER,
+    MODEL,
+    Server,
+    as_user,
+    cli,
+    free_port,
+    server_dir,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +48,26 @@ FINGERPRINT = "team-flow-split"
 PROMOTE_TIMEOUT_S = 180  # a subprocess imports TensorFlow (~7 s alone on 2 busy cores)
 
 
+@contextlib.contextmanager
+def team_server(prefix: str) -> Iterator[Server]:
+    """The team server with a member and a ci account, rooted outside pytest's basetemp
+    (`server_dir`); always stopped, nothing survives."""
+    with server_dir(prefix) as folder:
+        srv = Server(folder / "root")
+        srv.start()
+        try:
+            for (name, password), role in ((MEMBER, "member"), (CI, "ci")):
+                assert cli("user", "add", name, "--password", password, "--role", role,
+                           "--root", str(srv.root)) == 0  # fmt: skip
+            yield srv
+        finally:
+            srv.stop()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The team server with a member and a ci account; always stopped, nothing survives."""
-    srv = Server(tmp_path_factory.mktemp("team-flow") / "root")
-    srv.start()
-    try:
-        for (name, password), role in ((MEMBER, "member"), (CI, "ci")):
-            assert cli("user", "add", name, "--password", password, "--role", role,
-                       "--root", str(srv.root)) == 0  # fmt: skip
+def server() -> Iterator[Server]:
+    with team_server("medimg-team-flow-") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def make_workspace(root: Path) -> tuple[Params, Path]:
