@@ -134,6 +134,12 @@ COMMANDS: dict[str, tuple[str, Handler] | tuple[str, Handler, AddArguments]] = {
         _lazy("promote"),
         _arguments("promote"),
     ),
+    "monitor": (
+        "check the served model's request log against its reference (exit 3: drift); "
+        "`monitor export`: its kept images for relabeling",
+        _lazy("monitor"),
+        _arguments("monitor"),
+    ),
     "server": (
         "team mode: run the MLflow tracking server on PostgreSQL, add accounts",
         _lazy("server"),

@@ -25,9 +25,12 @@ from medimg.config_base import (  # noqa: F401  (re-exported)
 )
 from medimg.config_decision import (  # noqa: F401  (re-exported)
     CardConfig,
+    DriftConfig,
     EvaluateConfig,
     GateConfig,
+    MonitoringConfig,
     PatientConfig,
+    ReferenceConfig,
     RegisterConfig,
     SelectionMetric,
     SliceConfig,
@@ -303,6 +306,7 @@ class Params(Frozen):
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     gate: GateConfig = GateConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     paths: PathsConfig = PathsConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
@@ -351,7 +355,14 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "train.overrides",
     ),
     # the served model it logs keeps the decoder's pixel bound
-    "evaluate": ("seed", "dataset.name", "dataset.limits.max_image_pixels", "evaluate"),
+    "evaluate": (
+        "seed",
+        "dataset.name",
+        "dataset.limits.max_image_pixels",
+        "evaluate",
+        "monitoring.reference",  # the drift reference stored with the served model
+        "monitoring.keep_images",  # the served model's request-log setting
+    ),
     "register": ("dataset.name", "train.architectures", "register", "gate"),
 }
 # Read by stages but in no stage's params: `mlflow` says where runs are recorded, not what

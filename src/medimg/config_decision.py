@@ -135,3 +135,42 @@ class GateConfig(Frozen):
     max_regression: Annotated[float, Field(ge=0, le=1)] = 0.01
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
     slices: SliceGateConfig = SliceGateConfig()
+
+
+class ReferenceConfig(Frozen):
+    """`monitoring.reference`: what evaluate stores with the served model for `medimg monitor`
+    to compare served requests with (medimg.monitoring.profile)."""
+
+    # train images measured (a seeded sample; every val image is measured too): the quantiles
+    # settle long before 20k images, and measuring costs a PIL decode + a forward pass each
+    images: PosInt = 2000
+    # principal components of the penultimate-layer embedding kept (0: no embedding drift)
+    embedding_components: Annotated[int, Field(ge=0, le=64)] = 8
+
+
+class DriftConfig(Frozen):
+    """`monitoring.drift`: when `medimg monitor` calls a window drifted (exit 3).
+
+    A column drifts when its KS distance to the reference exceeds `min_statistic` plus the
+    window's critical value at `alpha` / (number of tests) (medimg.monitoring.drift). The
+    property floor 0.3 is above what new patients' stain and smear spread gives on real cells
+    (D up to 0.27, bench/monitor.py)."""
+
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    min_statistic: Annotated[float, Field(ge=0, lt=1)] = 0.3  # image properties
+    embedding_min_statistic: Annotated[float, Field(ge=0, lt=1)] = 0.3
+    prediction_min_statistic: Annotated[float, Field(ge=0, lt=1)] = 0.3
+    ood_tolerance: Annotated[float, Field(ge=0)] = 0.1  # widening of the 0.1-99.9% range
+    max_ood_share: Annotated[float, Field(ge=0, le=1)] = 0.1
+    min_requests: PosInt = 25  # a smaller window is reported, never called drifted
+
+
+class MonitoringConfig(Frozen):
+    """params.yaml `monitoring:`: the reference evaluate stores with the model, whether the
+    served model keeps the pixels it scored (for relabeling), and `medimg monitor`'s window
+    and thresholds."""
+
+    reference: ReferenceConfig = ReferenceConfig()
+    keep_images: bool = False  # the served model writes each scored image (PNG) to its log
+    window: PosInt = 500  # `medimg monitor` default: the last N logged requests
+    drift: DriftConfig = DriftConfig()

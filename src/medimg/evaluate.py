@@ -17,6 +17,7 @@ and compare.md) and `reports/eval/<arch>.json` (what `dvc metrics`/`exp show` co
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from medimg.config import EvaluateConfig, Params
 from medimg.data.shards import stream_split, take_images
 from medimg.errors import DataError
 from medimg.io import atomic_dir, read_json, write_json, write_text
-from medimg.models.loading import load_model
+from medimg.models.loading import load_model, with_embedding
+from medimg.monitoring.profile import reference_profile
 from medimg.scoring import predicted_labels, probabilities
 
 
@@ -303,13 +305,23 @@ def run(params: Params, arch: str) -> dict[str, Any]:
         temperature=temperature,
         max_image_pixels=params.dataset.limits.max_image_pixels,
         patient_threshold=result.get("patient_level", {}).get("patient_threshold"),
+        keep_images=params.monitoring.keep_images,
     )
+    reference = monitoring_reference(model, params, size, info, p_val, classes, serving.threshold)
     tracking.configure(params.mlflow, params.dataset.name)
-    uri, model_id = log_classifier(
-        paths.model_file(arch), serving, bench[:2], run_id=run_info["run_id"]
-    )
+    with tempfile.TemporaryDirectory() as staging:
+        reference_file = Path(staging) / "reference.json"
+        write_json(reference_file, reference)
+        uri, model_id = log_classifier(
+            paths.model_file(arch),
+            serving,
+            bench[:2],
+            run_id=run_info["run_id"],
+            reference=reference_file,
+        )
     run_info = {**run_info, "model_uri": uri, "model_id": model_id}
     with atomic_dir(out) as tmp:
+        write_json(tmp / "reference.json", reference)  # also stored with the served model
         write_plots(tmp, result, y, probs, classes, cfg, gradcams, paths.train_reports(arch))
         if int8 is not None:
             (tmp / "model_int8.tflite").write_bytes(int8)
@@ -335,6 +347,33 @@ def run(params: Params, arch: str) -> dict[str, Any]:
         f"ECE {result['calibration']['ece_before']:.4f} → {flat['ece']:.4f})"
     )
     return flat
+
+
+def monitoring_reference(
+    model: Any,
+    params: Params,
+    size: int,
+    info: dict[str, Any],
+    p_val: np.ndarray,
+    classes: list[str],
+    threshold: float,
+) -> dict[str, Any]:
+    """The drift reference stored with the served model (`medimg.monitoring.profile`): train
+    sample + val properties and embeddings, val's served probabilities and decisions."""
+    cfg = params.monitoring.reference
+    feature_model = with_embedding(model) if cfg.embedding_components > 0 else None
+    decided = [classes[i] for i in predicted_labels(p_val, threshold)]
+    return reference_profile(
+        feature_model,
+        params.paths.split,
+        size,
+        int(info["images"]["train"]),
+        p_val,
+        decided,
+        classes,
+        cfg,
+        params.seed,
+    )
 
 
 SIZES = ("params", "keras_bytes", "int8_bytes")  # counts: tags (a re-evaluation may change them)

@@ -14,12 +14,15 @@ scoring are `medimg.scoring.score_request`, the path evaluate and `medimg predic
 
 Loading ends with a warm-up: black images scored through that path (`warmed_up`), so the
 first request does not pay for tracing. With `MEDIMG_REQUEST_LOG` set to a folder, each scored
-image is recorded there (`medimg.monitoring.request_log`: properties, hash, answer; never the
-pixels), off the request path; unset, nothing is recorded.
+image is recorded there (`medimg.monitoring.request_log`: properties, hash, embedding
+components, answer; the pixels only with `keep_images`), off the request path; unset, nothing
+is recorded. The version's monitoring reference (`monitoring_reference` artifact) gives the
+embedding's principal components; `medimg monitor` compares the log with the same file.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -45,13 +48,34 @@ class MedimgClassifier(PythonModel):
         self.tta = bool(config.get("tta", False))
         self.temperature = float(config.get("temperature", 1.0))
         self.request_log = None
+        self.scorer = self.model  # with logging and an embedding reference: two outputs
         try:  # never a reason not to load: a log that cannot start is off
-            from medimg.monitoring.request_log import RequestLog
-
-            self.request_log = RequestLog.from_env()
+            self.request_log, self.scorer = self._start_log(context, config)
         except Exception:
-            self.request_log = None
+            self.request_log, self.scorer = None, self.model
         self.warmed_up = self._warm_up()
+
+    def _start_log(self, context: Any, config: dict[str, Any]) -> tuple[Any, Any]:
+        """(request log or None, the model to score with). With MEDIMG_REQUEST_LOG set, the
+        log starts with the version's monitoring reference (artifact `monitoring_reference`,
+        when the version has one) so it can log each request's embedding components; the
+        model then scores with its embedding as a second output (the same forward pass)."""
+        import json
+
+        from medimg.models.loading import with_embedding
+        from medimg.monitoring.request_log import RequestLog
+
+        artifacts = context.artifacts or {}
+        path = artifacts.get("monitoring_reference")
+        reference = json.loads(Path(path).read_text()) if path else None
+        log = RequestLog.from_env(
+            keep_images=bool(config.get("keep_images", False)),
+            reference=reference,
+            model_id=_model_id(artifacts.get("keras_model")),
+        )
+        if log is None or log.embedding is None:
+            return log, self.model
+        return log, with_embedding(self.model)
 
     def _warm_up(self) -> bool:
         """Score black images through the request path (with TTA if configured) so the first
@@ -71,7 +95,7 @@ class MedimgClassifier(PythonModel):
             ]
             for request in requests:
                 score_request(
-                    self.model,
+                    self.scorer,
                     request,
                     self.classes,
                     s,
@@ -93,9 +117,10 @@ class MedimgClassifier(PythonModel):
         threshold = float((params or {}).get("threshold", self.threshold))
         log = getattr(self, "request_log", None)
         decoded: list[Any] | None = [] if log is not None else None
+        embeddings: list[Any] | None = [] if log is not None else None
         try:
             answer = score_request(
-                self.model,
+                getattr(self, "scorer", self.model),
                 model_input,
                 self.classes,
                 self.size,
@@ -104,12 +129,26 @@ class MedimgClassifier(PythonModel):
                 self.tta,
                 self.temperature,
                 decoded=decoded,
+                embeddings=embeddings,
             )
         except ImageInputError as err:  # the request, not the model, is wrong: HTTP 400
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         if log is not None:
-            log.log_request(decoded, answer)  # queued; written off the request path, never raises
+            # queued: hashed, measured and written off the request path; never raises
+            log.log_request(decoded, answer, embeddings or None)
         return answer
+
+
+def _model_id(keras_artifact: str | None) -> str | None:
+    """The logged model's id, from the MLmodel file two levels above its artifacts (MLflow
+    does not hand a pyfunc its own id); None when it cannot be read."""
+    import yaml
+
+    try:
+        mlmodel = Path(str(keras_artifact)).parent.parent / "MLmodel"
+        return str(yaml.safe_load(mlmodel.read_text())["model_id"])
+    except Exception:
+        return None
 
 
 mlflow.models.set_model(MedimgClassifier())

@@ -38,11 +38,20 @@ def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
     return views + [np.rot90(x[:, :, ::-1], k, axes=(1, 2)) for k in range(4)]
 
 
-def _model_outputs(model: Any, images: np.ndarray, batch: int) -> np.ndarray:
-    parts = [
-        np.asarray(model.predict_on_batch(np.ascontiguousarray(images[i : i + batch], np.float32)))
-        for i in range(0, len(images), batch)
-    ]
+def _model_outputs(
+    model: Any, images: np.ndarray, batch: int, embeddings: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """The model's probabilities for `images`, `batch` at a time. A model with a second output
+    (`medimg.models.loading.with_embedding`) gives its embeddings too: they go to `embeddings`
+    when a list is given, else nowhere."""
+    parts = []
+    for i in range(0, len(images), batch):
+        out = model.predict_on_batch(np.ascontiguousarray(images[i : i + batch], np.float32))
+        if isinstance(out, list | tuple):
+            out, features = out[0], out[1]
+            if embeddings is not None:
+                embeddings.append(np.asarray(features, np.float32))
+        parts.append(np.asarray(out))
     out = np.concatenate(parts).astype(np.float64)
     return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
 
@@ -53,6 +62,7 @@ def probabilities(
     batch: int | None = None,
     tta: bool = False,
     temperature: float = 1.0,
+    embeddings: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """(N,) positive-class probabilities (sigmoid) or (N, K) (softmax), as float64.
 
@@ -60,13 +70,20 @@ def probabilities(
     fitted on validation (`medimg.analysis.calibration`), applied after the mean.
     `predict_on_batch` on slices of `batch` images (default: `batch_for`, by pixels): `predict`
     builds a tf.data pipeline per call, which costs more than a batch of small cells, and
-    slicing bounds memory on a whole split.
+    slicing bounds memory on a whole split. `embeddings`: with a two-output model, receives
+    the (N, D) embeddings of the images as given (the first view under TTA), batch by batch.
     """
     if len(images) == 0:
         return np.zeros((0,), np.float64)
     batch = batch or batch_for(images)
     views = dihedral_views(images) if tta else [images]
-    out = np.mean([_model_outputs(model, v, batch) for v in views], axis=0)
+    out = np.mean(
+        [
+            _model_outputs(model, v, batch, embeddings if k == 0 else None)
+            for k, v in enumerate(views)
+        ],
+        axis=0,
+    )
     return apply_temperature(out, temperature)
 
 
@@ -120,17 +137,20 @@ def score_request(
     tta: bool = False,
     temperature: float = 1.0,
     decoded: list[np.ndarray] | None = None,
+    embeddings: list[np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """The served model's whole `predict`: decode (pixel-bounded) → model → result rows.
 
     `decoded`: a list that receives each image at its original size, as decoded, before the
-    resize (the served model's request log measures them without decoding twice).
+    resize (the served model's request log measures them without decoding twice);
+    `embeddings`: with a two-output `model`, receives the embedding batches (see
+    `probabilities`).
     """
     originals = decode_input(model_input, max_pixels)
     if decoded is not None:
         decoded.extend(originals)
     x = resize_batch(originals, size)
-    probs = probabilities(model, x, tta=tta, temperature=temperature)
+    probs = probabilities(model, x, tta=tta, temperature=temperature, embeddings=embeddings)
     return result_frame(probs, classes, threshold)
 
 

@@ -23,11 +23,28 @@ from medimg import cli, tracking
 from medimg.classifier_logging import ServingConfig, log_classifier
 from medimg.commands.export import MIN_AGREEMENT
 from medimg.commands.predict import collect_paths, format_rows
+from medimg.io import write_json
 from medimg.scoring import result_frame
 from tests.conftest import nih_name, png_bytes, tiny_params, write_split_dir
 
 NAME = "malaria-classifier"
 CLASSES = ["Uninfected", "Parasitized"]
+
+
+def tiny_reference(params, model_file: Path) -> dict:
+    """The monitoring reference evaluate would store for this model (its own function), with
+    val scored at 0.5."""
+    from medimg.data.shards import stream_split
+    from medimg.evaluate import monitoring_reference
+    from medimg.io import read_json
+    from medimg.models.loading import load_model
+    from medimg.scoring import probabilities
+
+    model = load_model(model_file)
+    score = {"p": lambda x: probabilities(model, x)}
+    _, _, _, out = stream_split(params.paths.split, "val", 32, score)
+    info = read_json(params.paths.classes_json)
+    return monitoring_reference(model, params, 32, info, out["p"], CLASSES, 0.5)
 
 
 def train_and_register(tmp: Path) -> SimpleNamespace:
@@ -39,7 +56,11 @@ def train_and_register(tmp: Path) -> SimpleNamespace:
     result = fit(params, "tiny")
     example = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     model_file, config = params.paths.model_file("tiny"), ServingConfig(CLASSES, 32)
-    uri, _ = log_classifier(model_file, config, example, run_id=result["run_id"])  # as evaluate
+    reference = tmp / "reference.json"  # the drift reference, as evaluate stores it
+    write_json(reference, tiny_reference(params, model_file))
+    uri, _ = log_classifier(
+        model_file, config, example, run_id=result["run_id"], reference=reference
+    )  # as evaluate
     version = tracking.register_version(uri, NAME, {"architecture": "tiny"})
     tracking.set_alias(NAME, "champion", version)
     params_file = tmp / "params.yaml"

@@ -48,7 +48,8 @@ def test_records_are_written_as_parquet_with_expected_columns(tmp_path, monkeypa
     files = parts(tmp_path / "log")
     assert len(files) == 1 and not list((tmp_path / "log").glob(".*tmp"))
     rows = pd.read_parquet(files[0])
-    expected = {"time", "model_name", "model_version", "model_alias", "sha256", "decision"}
+    expected = {"time", "model_id", "model_name", "model_version", "model_alias", "sha256"}
+    expected |= {"decision"}
     expected |= set(PROPERTIES) | {"probability", "p_Parasitized", "threshold"}
     assert set(rows.columns) == expected
     assert len(rows) == 3
@@ -61,7 +62,7 @@ def test_records_are_written_as_parquet_with_expected_columns(tmp_path, monkeypa
     assert rows["brightness"][1] == pytest.approx(image_properties(images[1])["brightness"])
     assert list(rows["decision"]) == list(answer(3)["class"])
     np.testing.assert_allclose(rows["p_Parasitized"], answer(3)["p_Parasitized"])
-    status = json.loads((tmp_path / "log" / "status.json").read_text())
+    status = json.loads((tmp_path / "log" / f"status-{os.getpid()}.json").read_text())
     assert status["written"] == 3 and status["errors"] == 0 and status["dropped"] == 0
 
 
@@ -141,7 +142,7 @@ def test_a_full_queue_drops_and_counts_without_waiting(tmp_path):
     assert log.flush()
     log.close()
     assert len(pd.read_parquet(parts(tmp_path)[0])) == 2
-    assert json.loads((tmp_path / "status.json").read_text())["dropped"] == 3
+    assert json.loads((tmp_path / f"status-{os.getpid()}.json").read_text())["dropped"] == 3
 
 
 def test_a_record_that_cannot_be_built_is_dropped_not_raised(tmp_path):

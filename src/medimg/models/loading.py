@@ -17,3 +17,23 @@ def load_model(path: str | Path) -> Any:
     import medimg.models  # noqa: F401  registers the custom layers
 
     return keras.saving.load_model(str(path), safe_mode=True, compile=False)
+
+
+HEAD_LAYER = "predictions"  # medimg.models.layers.classification_head's layer name
+
+
+def with_embedding(model: Any, head: str = HEAD_LAYER) -> Any:
+    """The same model with a second output: the penultimate-layer activations (the input of
+    the classification head), for drift monitoring. One forward pass gives both, so the
+    served model pays no second pass for its embedding; the weights are shared, not copied.
+    A model without a `predictions` head (not from the zoo) raises ValueError."""
+    import keras
+
+    try:
+        layer = model.get_layer(head)
+    except ValueError:
+        raise ValueError(
+            f"model {model.name!r} has no {head!r} layer to take an embedding from"
+        ) from None
+    features = layer.input
+    return keras.Model(model.inputs, [model.outputs[0], features], name=f"{model.name}_embedding")

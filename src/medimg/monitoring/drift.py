@@ -187,3 +187,130 @@ def window_drift(
         "ood_properties": ood_props,
         "properties": per_property,
     }
+
+
+# ------------------------------------------------------------------------- a served window
+
+GROUPS = ("properties", "embedding", "predictions")
+MAX_LISTED_OOD = 200  # out-of-distribution requests listed one by one in the summary
+
+
+def reference_group(reference: Mapping[str, Any], group: str) -> Mapping[str, Any] | None:
+    """The reference of one group: the top level for image properties, else its sub-dict."""
+    return reference if group == "properties" else reference.get(group)
+
+
+def check_window(
+    reference: Mapping[str, Any],
+    window: Mapping[str, np.ndarray],
+    *,
+    alpha: float = ALPHA,
+    min_statistic: Mapping[str, float] | None = None,
+    tolerance: float = OOD_TOLERANCE,
+    max_ood_share: float = MAX_OOD_SHARE,
+    min_requests: int = 25,
+    decisions: np.ndarray | None = None,
+    ids: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The verdict on a window of served requests (`medimg monitor`), JSON-serialisable.
+
+    Three groups of columns, each tested against its part of the reference with the KS rule of
+    `property_drift`: the image properties, the embedding components (`emb_i`) and the served
+    probabilities (`p_<class>`); `alpha` is shared over the groups present (each splits its
+    share over its columns). Plus the out-of-distribution share (per-request flags, from the
+    properties) and, with `decisions`, the decided-class shares beside the reference's.
+    `min_statistic`: per group (default MIN_STATISTIC each). A window under `min_requests` is
+    reported but never drifted. `reasons`: one line per finding, naming what and how much.
+    """
+    floors = {g: MIN_STATISTIC for g in GROUPS} | dict(min_statistic or {})
+    n = len(next(iter(window.values()))) if window else 0
+    present = {}
+    for group in GROUPS:
+        ref = reference_group(reference, group)
+        if ref is None:
+            continue
+        cols = {}
+        for name in ref.get("properties", {}):
+            if name in window:
+                values = np.asarray(window[name], dtype=np.float64)
+                values = values[np.isfinite(values)]
+                if values.size:
+                    cols[name] = values
+        if cols:
+            present[group] = (ref, cols)
+    groups: dict[str, Any] = {}
+    reasons: list[str] = []
+    enough = n >= min_requests
+    for group, (ref, cols) in present.items():
+        rows = property_drift(ref, cols, alpha=alpha / len(present), min_statistic=floors[group])
+        for name, r in rows.items():
+            r["threshold"] = floors[group] + r["critical"]
+            r["drifted"] = bool(r["drifted"] and enough)
+            if r["drifted"]:
+                reasons.append(
+                    f"{group}/{name}: KS {r['statistic']:.3f} > {r['threshold']:.3f} (window "
+                    f"mean {r['window_mean']:.4g}, reference {r['reference_mean']:.4g})"
+                )
+        groups[group] = rows
+    ood: dict[str, Any] = {"share": 0.0, "count": 0, "flagged": False, "properties": {}}
+    ood["max_share"] = max_ood_share
+    if n:
+        flags, why = out_of_distribution(reference, window, tolerance=tolerance)
+        counts: dict[str, int] = {}
+        for r in why:
+            for name in r:
+                counts[name] = counts.get(name, 0) + 1
+        share = float(flags.mean())
+        listed = [
+            {"id": None if ids is None else str(ids[i]), "properties": why[i]}
+            for i in np.flatnonzero(flags)[:MAX_LISTED_OOD]
+        ]
+        ood |= {"share": share, "count": int(flags.sum()), "properties": counts}
+        ood |= {"flagged": bool(share > max_ood_share and enough), "requests": listed}
+        if ood["flagged"]:
+            reasons.append(
+                f"out of distribution: {ood['count']}/{n} requests ({share:.1%} > "
+                f"{max_ood_share:.0%}), by {', '.join(sorted(counts))}"
+            )
+    summary: dict[str, Any] = {
+        "n": n,
+        "enough_requests": enough,
+        "drifted": bool(reasons),
+        "reasons": reasons,
+        "groups": groups,
+        "ood": ood,
+        "thresholds": {
+            "alpha": alpha,
+            "min_statistic": floors,
+            "max_ood_share": max_ood_share,
+            "ood_tolerance": tolerance,
+            "min_requests": min_requests,
+        },
+    }
+    predictions = reference.get("predictions") or {}
+    if decisions is not None and "class_share" in predictions:
+        decided = np.asarray(decisions).astype(str)
+        classes = list(predictions["class_share"])
+        summary["class_share"] = {
+            "window": {c: float(np.mean(decided == c)) if n else 0.0 for c in classes},
+            "reference": dict(predictions["class_share"]),
+        }
+    return summary
+
+
+def drift_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers a monitoring run logs every time (not only on drift): each column's KS
+    distance as `drift_<group>_<column>`, the OOD share, the verdict as 0/1, the window size."""
+    out: dict[str, float] = {
+        "n_requests": float(summary["n"]),
+        "drifted": float(bool(summary["drifted"])),
+        "ood_share": float(summary["ood"]["share"]),
+    }
+    for group, rows in summary["groups"].items():
+        for name, r in rows.items():
+            out[f"drift_{group}_{name}"] = float(r["statistic"])
+        if rows:
+            out[f"drift_{group}_max"] = max(float(r["statistic"]) for r in rows.values())
+    for name, share in (summary.get("class_share") or {}).get("window", {}).items():
+        out[f"class_share_{name}"] = float(share)
+    return out

@@ -7,7 +7,10 @@ C order, as decoded at the original size; float pixels sent as arrays are rounde
 to 0-255 first, so one image sent as PNG or as pixels hashes the same; H and W are the
 `height` / `width` columns), the image's properties (`medimg.data.properties`, on those same
 original-size pixels: the served model hands over what it decoded, nothing decodes twice) and
-the answer (`decision`, `probability`, `p_<class>`, `threshold`). Never the pixels.
+the answer (`decision`, `probability`, `p_<class>`, `threshold`); with the served model's
+monitoring reference, its embedding reduced to a few principal components (`emb_0`...); with
+`keep_images`, `image_file`: the image as `images/<sha256>.png` beside the parts, for
+relabeling (`medimg monitor export`). Otherwise never the pixels.
 
 Work stays off the request path: `log_request` only puts the request (the decoded arrays, not
 a copy, and a copy of the small answer frame) on a bounded queue, also bounded in queued pixel
@@ -15,11 +18,12 @@ bytes (`max_queued_mb`); one daemon thread hashes, measures and writes a part ev
 `flush_every` records or `flush_seconds`, as
 `part-<utc>-<pid>-<seq>.parquet` (written under a temporary name, then `os.replace`d: a
 reader never sees half a part). The folder is append-only and bounded: over `max_mb`
-(`MEDIMG_REQUEST_LOG_MAX_MB`, default 512) the oldest parts are deleted.
+(`MEDIMG_REQUEST_LOG_MAX_MB`, default 512) the oldest parts (and kept images) are deleted.
 
 A request never fails or waits because of the log: a full queue drops the records (`dropped`),
 a failed write (read-only folder, disk full, no pyarrow) counts in `errors` and its records
-in `lost`; the counters are attributes and, when the folder can be written, `status.json`.
+in `lost`; the counters are attributes and, when the folder can be written,
+`status-<pid>.json` (one per serving process; `medimg monitor` sums them).
 Remaining records are flushed at interpreter exit (atexit), best-effort.
 """
 
@@ -43,14 +47,16 @@ import numpy as np
 
 ENV_FOLDER = "MEDIMG_REQUEST_LOG"
 ENV_MAX_MB = "MEDIMG_REQUEST_LOG_MAX_MB"
+ENV_KEEP_IMAGES = "MEDIMG_REQUEST_LOG_KEEP_IMAGES"
 ENV_MODEL = {
     "model_name": "MEDIMG_MODEL_NAME",
     "model_version": "MEDIMG_MODEL_VERSION",
     "model_alias": "MEDIMG_MODEL_ALIAS",
 }
 DEFAULT_MAX_MB = 512.0
-STATUS_FILE = "status.json"
+STATUS_GLOB = "status-*.json"  # one per serving process: status-<pid>.json
 PART_GLOB = "part-*.parquet"
+IMAGES = "images"  # kept images (keep_images): images/<sha256>.png, content-addressed
 
 
 class _Flush:
@@ -71,6 +77,7 @@ class _Request:
     images: list[Any]
     answer: Any
     nbytes: int
+    embeddings: Any = None  # (N, D) penultimate-layer activations, or None
 
 
 def pixels_sha256(pixels: Any) -> str:
@@ -93,8 +100,15 @@ class RequestLog:
         queue_size: int = 10_000,
         max_queued_mb: float = 256.0,
         start: bool = True,
+        reference: dict[str, Any] | None = None,
+        keep_images: bool = False,
+        model_id: str | None = None,
     ) -> None:
         self.folder = Path(folder)
+        # the served model's monitoring reference: its embedding PCA reduces each request's
+        # embedding to the few `emb_i` numbers logged (medimg.monitoring.reference.project)
+        self.embedding = (reference or {}).get("embedding")
+        self.keep_images = bool(keep_images)
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.flush_every = max(1, int(flush_every))
         self.flush_seconds = float(flush_seconds)
@@ -102,12 +116,15 @@ class RequestLog:
         self.max_queued_bytes = int(max_queued_mb * 1024 * 1024)  # decoded pixels held queued
         self.queued_bytes = 0
         self._lock = threading.Lock()
-        self.model = {key: os.environ.get(env) or None for key, env in ENV_MODEL.items()}
+        # which model answered: the logged model's id (from its MLmodel: always known to the
+        # served model) and, where the server sets them, the registered name/version/alias
+        self.model = {"model_id": model_id}
+        self.model |= {key: os.environ.get(env) or None for key, env in ENV_MODEL.items()}
         self.logged = 0  # records queued
         self.dropped = 0  # records refused: queue full, or not loggable
         self.written = 0  # records in parts on disk
         self.lost = 0  # records in a part that failed to write
-        self.errors = 0  # failed writes (of a part or of status.json)
+        self.errors = 0  # failed writes (of a part, a kept image, an embedding)
         self.deleted = 0  # parts deleted to keep the folder under max_bytes
         self.last_error: str | None = None
         self._seq = 0
@@ -118,13 +135,18 @@ class RequestLog:
         atexit.register(self.close)
 
     @classmethod
-    def from_env(cls, **kwargs: Any) -> RequestLog | None:
-        """The log `MEDIMG_REQUEST_LOG` asks for, or None (logging off) when it is unset."""
+    def from_env(cls, keep_images: bool = False, **kwargs: Any) -> RequestLog | None:
+        """The log `MEDIMG_REQUEST_LOG` asks for, or None (logging off) when it is unset.
+        `keep_images` (the model's `monitoring.keep_images`) yields to
+        MEDIMG_REQUEST_LOG_KEEP_IMAGES (1/true/yes or 0/false/no) where that is set."""
         folder = os.environ.get(ENV_FOLDER, "").strip()
         if not folder:
             return None
         max_mb = float(os.environ.get(ENV_MAX_MB) or DEFAULT_MAX_MB)
-        return cls(folder, max_mb=max_mb, **kwargs)
+        keep = os.environ.get(ENV_KEEP_IMAGES, "").strip().lower()
+        if keep:
+            keep_images = keep in ("1", "true", "yes")
+        return cls(folder, max_mb=max_mb, keep_images=keep_images, **kwargs)
 
     def start(self) -> None:
         if not self._thread.is_alive():
@@ -136,15 +158,17 @@ class RequestLog:
         """Queue one ready record; never raises, never waits (a full queue drops it, counted)."""
         self._put(record, 1, 0)
 
-    def log_request(self, images: Sequence[Any], answer: Any) -> None:
+    def log_request(self, images: Sequence[Any], answer: Any, embeddings: Any = None) -> None:
         """Queue a scored request: `images` at their original size (as decoded), `answer` the
-        result frame (one row per image, same order). Never raises, never waits: the hash and
-        the properties are computed by the writer thread, which holds the decoded arrays (not
-        a copy) until then; a request over the queued-pixels budget is dropped, counted."""
+        result frame (one row per image, same order), `embeddings` their (N, D) penultimate
+        activations or None. Never raises, never waits: the hash, the properties and the
+        embedding projection are computed by the writer thread, which holds the decoded
+        arrays (not a copy) until then; a request over the queued-pixels budget is dropped,
+        counted."""
         try:
             images = list(images)
             nbytes = sum(int(np.asarray(x).nbytes) for x in images)
-            item = _Request(datetime.now(UTC), images, answer.copy(), nbytes)
+            item = _Request(datetime.now(UTC), images, answer.copy(), nbytes, embeddings)
         except Exception as err:  # the answer goes out whatever happens here
             self._count(dropped=1)
             self.last_error = f"record: {type(err).__name__}: {err}"
@@ -180,6 +204,7 @@ class RequestLog:
             self._count(dropped=len(request.images))
             self.last_error = f"record: {type(err).__name__}: {err}"
             return []
+        projected = self._project(request)
         records = []
         for i, pixels in enumerate(request.images):
             try:
@@ -187,6 +212,9 @@ class RequestLog:
                 record: dict[str, Any] = {"time": request.time, **self.model}
                 record["sha256"] = pixels_sha256(pixels)
                 record.update(image_properties(pixels))
+                record.update({name: float(values[i]) for name, values in projected.items()})
+                if self.keep_images:
+                    record["image_file"] = self._keep(pixels, record["sha256"])
                 record["decision"] = str(row.pop("class"))
                 record.update({key: _plain(value) for key, value in row.items()})
             except Exception as err:
@@ -195,6 +223,48 @@ class RequestLog:
                 continue
             records.append(record)
         return records
+
+    def _project(self, request: _Request) -> dict[str, np.ndarray]:
+        """The request's embeddings reduced to the reference's components ({} when either
+        is missing, or on a shape mismatch, counted in `errors`)."""
+        if self.embedding is None or request.embeddings is None:
+            return {}
+        from medimg.monitoring.reference import project
+
+        try:
+            projected = project(self.embedding, np.concatenate(list(request.embeddings)))
+            if any(len(v) != len(request.images) for v in projected.values()):
+                raise ValueError("one embedding per image expected")
+            return projected
+        except Exception as err:
+            self._count(errors=1)
+            self.last_error = f"embedding: {type(err).__name__}: {err}"
+            return {}
+
+    def _keep(self, pixels: Any, sha256: str) -> str | None:
+        """Write the image as images/<sha256>.png (once per distinct image); its relative
+        path, or None when it could not be written (counted)."""
+        from PIL import Image
+
+        from medimg.data.properties import as_rgb
+
+        rel = f"{IMAGES}/{sha256}.png"
+        dest = self.folder / rel
+        if dest.exists():
+            return rel
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            x = np.asarray(as_rgb(pixels))
+            if x.dtype != np.uint8:
+                x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+            Image.fromarray(x).save(tmp, format="PNG")
+            os.replace(tmp, dest)
+        except Exception as err:
+            self._count(errors=1)
+            self.last_error = f"image: {type(err).__name__}: {err}"
+            return None
+        return rel
 
     # ------------------------------------------------------------------------------ control
 
@@ -295,9 +365,9 @@ class RequestLog:
         self._write_status()
 
     def _bound(self, keep: str) -> None:
-        """Delete the oldest parts while the folder's parts exceed max_bytes (not `keep`)."""
+        """Delete the oldest parts and kept images while they exceed max_bytes (not `keep`)."""
         parts = []
-        for path in self.folder.glob(PART_GLOB):
+        for path in [*self.folder.glob(PART_GLOB), *self.folder.glob(f"{IMAGES}/*.png")]:
             with contextlib.suppress(OSError):
                 stat = path.stat()
                 parts.append((stat.st_mtime, path.name, stat.st_size, path))
@@ -318,9 +388,10 @@ class RequestLog:
 
     def _write_status(self) -> None:
         try:
-            tmp = self.folder / f".{STATUS_FILE}.{os.getpid()}.tmp"
+            name = f"status-{os.getpid()}.json"
+            tmp = self.folder / f".{name}.tmp"
             tmp.write_text(json.dumps(self.status(), indent=1))
-            os.replace(tmp, self.folder / STATUS_FILE)
+            os.replace(tmp, self.folder / name)
         except Exception:
             pass  # a folder we cannot write: the counters stay readable on the object
 

@@ -57,18 +57,26 @@ def configure(cfg: MlflowConfig, dataset: str) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     name = cfg.experiment_name(dataset)
     found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        exp_id = found.experiment_id
-    elif is_local_store(uri):
-        artifacts = Path(cfg.artifact_root).resolve()
-        artifacts.mkdir(parents=True, exist_ok=True)
-        exp_id = mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
-    else:
-        exp_id = mlflow.create_experiment(name)
+    exp_id = ensure_experiment(name, cfg)
     if found is None or found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         _set_kind(exp_id)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def ensure_experiment(name: str, cfg: MlflowConfig) -> str:
+    """The id of experiment `name`, created when missing (on a local store with its artifacts
+    under `mlflow.artifact_root`; a server puts them where it says)."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    if is_local_store(tracking_uri(cfg)):
+        artifacts = Path(cfg.artifact_root).resolve()
+        artifacts.mkdir(parents=True, exist_ok=True)
+        return mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+    return mlflow.create_experiment(name)
 
 
 def _set_kind(exp_id: str) -> None:
