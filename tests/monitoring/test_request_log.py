@@ -162,3 +162,172 @@ def test_queued_pixels_are_bounded_in_bytes(tmp_path):
     assert log.flush()
     log.close()
     assert log.queued_bytes == 0 and log.written == 1
+
+
+# ------------------------------------------------- embeddings, kept images, model id, bounds
+
+
+def embedding_reference(d: int = 6, k: int = 3) -> dict:
+    """A monitoring reference with only what the log reads: its embedding PCA."""
+    from medimg.monitoring.reference import fit_embedding
+
+    features = np.random.default_rng(0).normal(size=(40, d)) * np.arange(d, 0, -1)
+    return {"embedding": fit_embedding(features, components=k)}
+
+
+def read_all(folder) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in parts(folder)], ignore_index=True)
+
+
+def test_embeddings_are_logged_as_the_references_components(tmp_path):
+    from medimg.monitoring.reference import project
+
+    reference = embedding_reference()
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(3, 6))
+    log = RequestLog(tmp_path, flush_seconds=60, reference=reference)
+    log.log_request([image(1), image(2)], answer(2), features[:2])  # one (N, D) array
+    # the served model's form: a list of (batch, D) embedding batches
+    log.log_request([image(3)], answer(1), [features[2:]])
+    assert log.flush()
+    log.close()
+
+    rows = read_all(tmp_path)
+    emb = [c for c in rows.columns if c.startswith("emb_")]
+    assert emb == ["emb_0", "emb_1", "emb_2"]
+    expected = project(reference["embedding"], features)
+    for name in emb:
+        np.testing.assert_allclose(rows[name], expected[name], rtol=1e-12)
+    assert log.errors == 0 and log.written == 3
+
+
+@pytest.mark.parametrize(
+    "features",
+    [np.ones((2, 7)), np.ones((2, 5)), np.ones((1, 6)), np.ones((3, 6))],
+    ids=["too-wide", "too-narrow", "too-few", "too-many"],
+)
+def test_a_wrong_embedding_shape_is_counted_and_the_records_still_written(tmp_path, features):
+    log = RequestLog(tmp_path, flush_seconds=60, reference=embedding_reference())
+    log.log_request([image(1), image(2)], answer(2), features)
+    assert log.flush()
+    log.close()
+    assert log.errors == 1 and log.last_error.startswith("embedding:")
+    assert log.written == 2 and log.lost == 0 and log.dropped == 0
+    rows = read_all(tmp_path)
+    assert len(rows) == 2 and not [c for c in rows.columns if c.startswith("emb_")]
+    assert list(rows["sha256"]) == [pixels_sha256(image(1)), pixels_sha256(image(2))]
+
+
+def test_without_a_reference_or_embeddings_no_component_is_logged(tmp_path):
+    plain = RequestLog(tmp_path / "plain", flush_seconds=60)  # no reference
+    plain.log_request([image(1)], answer(1), np.ones((1, 6)))
+    with_ref = RequestLog(tmp_path / "ref", flush_seconds=60, reference=embedding_reference())
+    with_ref.log_request([image(1)], answer(1))  # no embeddings (the model has none)
+    for log in (plain, with_ref):
+        assert log.flush()
+        log.close()
+        assert log.errors == 0 and log.written == 1
+        assert not [c for c in read_all(log.folder).columns if c.startswith("emb_")]
+
+
+def test_kept_images_are_content_addressed_pngs_of_the_same_pixels(tmp_path):
+    from PIL import Image
+
+    log = RequestLog(tmp_path, flush_seconds=60, keep_images=True)
+    log.log_request([image(1), image(2, 30, 17)], answer(2))
+    assert log.flush()
+    # the same pixels again (as floats, and as uint8 in a later part): no second file
+    log.log_request([image(1).astype(np.float32), image(1)], answer(2))
+    log.close()
+    assert log.errors == 0
+
+    rows = read_all(tmp_path)
+    shas = [pixels_sha256(image(1)), pixels_sha256(image(2, 30, 17))]
+    assert list(rows["image_file"]) == [f"images/{shas[i]}.png" for i in (0, 1, 0, 0)]
+    kept = sorted((tmp_path / "images").iterdir())
+    assert [p.name for p in kept] == sorted(f"{s}.png" for s in shas)
+    for rel, original in [
+        (rows["image_file"][0], image(1)),
+        (rows["image_file"][1], image(2, 30, 17)),
+    ]:
+        with Image.open(tmp_path / rel) as img:
+            assert img.format == "PNG"
+            decoded = np.asarray(img)
+        np.testing.assert_array_equal(decoded, original)
+        assert pixels_sha256(decoded) == (tmp_path / rel).stem
+
+
+def test_images_are_not_kept_unless_asked(tmp_path):
+    log = RequestLog(tmp_path, flush_seconds=60)
+    log.log_request([image(1)], answer(1))
+    log.close()
+    assert "image_file" not in read_all(tmp_path).columns
+    assert not (tmp_path / "images").exists()
+
+
+def test_an_image_that_cannot_be_kept_is_counted_and_its_record_written(tmp_path):
+    (tmp_path / "images").write_text("a file where the images folder goes")
+    log = RequestLog(tmp_path, flush_seconds=60, keep_images=True)
+    log.log_request([image(1)], answer(1))
+    log.close()
+    assert log.errors == 1 and log.last_error.startswith("image:")
+    rows = read_all(tmp_path)
+    assert log.written == 1 and rows["image_file"].isna().all()
+    assert list(rows["sha256"]) == [pixels_sha256(image(1))]
+
+
+@pytest.mark.parametrize(
+    ("env", "argument", "kept"),
+    [
+        ("1", False, True),
+        ("true", False, True),
+        (" YES ", False, True),
+        ("0", True, False),
+        ("false", True, False),
+        ("No", True, False),
+        (None, True, True),
+        (None, False, False),
+        ("", True, True),
+    ],
+)
+def test_keep_images_env_overrides_the_models_setting(tmp_path, monkeypatch, env, argument, kept):
+    monkeypatch.setenv("MEDIMG_REQUEST_LOG", str(tmp_path))
+    if env is None:
+        monkeypatch.delenv("MEDIMG_REQUEST_LOG_KEEP_IMAGES", raising=False)
+    else:
+        monkeypatch.setenv("MEDIMG_REQUEST_LOG_KEEP_IMAGES", env)
+    log = RequestLog.from_env(keep_images=argument, flush_seconds=60)
+    log.log_request([image(1)], answer(1))
+    log.close()
+    assert log.keep_images is kept
+    assert (tmp_path / "images" / f"{pixels_sha256(image(1))}.png").exists() is kept
+    assert ("image_file" in read_all(tmp_path).columns) is kept
+
+
+def test_the_model_id_lands_in_its_column(tmp_path):
+    log = RequestLog(tmp_path / "a", flush_seconds=60, model_id="m-0123abc")
+    log.log_request([image(1), image(2)], answer(2))
+    log.close()
+    assert list(read_all(tmp_path / "a")["model_id"]) == ["m-0123abc"] * 2
+    unknown = RequestLog(tmp_path / "b", flush_seconds=60)
+    unknown.log_request([image(1)], answer(1))
+    unknown.close()
+    assert read_all(tmp_path / "b")["model_id"].isna().all()
+
+
+def test_the_folder_bound_also_deletes_kept_images(tmp_path):
+    log = RequestLog(tmp_path, max_mb=1e-9, flush_seconds=60, keep_images=True)
+    for i in range(3):
+        log.log_request([image(i)], answer(1))
+        assert log.flush()
+        time.sleep(0.01)
+    log.close()
+    assert len(parts(tmp_path)) == 1 and not list((tmp_path / "images").glob("*.png"))
+    assert log.deleted == 2 + 3 and log.written == 3  # 2 older parts and 3 kept images
+
+    roomy = RequestLog(tmp_path / "roomy", max_mb=512, flush_seconds=60, keep_images=True)
+    for i in range(3):
+        roomy.log_request([image(i)], answer(1))
+        assert roomy.flush()
+    roomy.close()
+    assert len(list((tmp_path / "roomy" / "images").glob("*.png"))) == 3 and roomy.deleted == 0

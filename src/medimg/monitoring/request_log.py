@@ -15,7 +15,7 @@ relabeling (`medimg monitor export`). Otherwise never the pixels.
 Work stays off the request path: `log_request` only puts the request (the decoded arrays, not
 a copy, and a copy of the small answer frame) on a bounded queue, also bounded in queued pixel
 bytes (`max_queued_mb`); one daemon thread hashes, measures and writes a part every
-`flush_every` records or `flush_seconds`, as
+`flush_every` records or `flush_seconds` (`MEDIMG_REQUEST_LOG_FLUSH_SECONDS`, default 10), as
 `part-<utc>-<pid>-<seq>.parquet` (written under a temporary name, then `os.replace`d: a
 reader never sees half a part). The folder is append-only and bounded: over `max_mb`
 (`MEDIMG_REQUEST_LOG_MAX_MB`, default 512) the oldest parts (and kept images) are deleted.
@@ -48,6 +48,7 @@ import numpy as np
 ENV_FOLDER = "MEDIMG_REQUEST_LOG"
 ENV_MAX_MB = "MEDIMG_REQUEST_LOG_MAX_MB"
 ENV_KEEP_IMAGES = "MEDIMG_REQUEST_LOG_KEEP_IMAGES"
+ENV_FLUSH_SECONDS = "MEDIMG_REQUEST_LOG_FLUSH_SECONDS"  # default 10: a part at least this often
 ENV_MODEL = {
     "model_name": "MEDIMG_MODEL_NAME",
     "model_version": "MEDIMG_MODEL_VERSION",
@@ -146,6 +147,8 @@ class RequestLog:
         keep = os.environ.get(ENV_KEEP_IMAGES, "").strip().lower()
         if keep:
             keep_images = keep in ("1", "true", "yes")
+        if os.environ.get(ENV_FLUSH_SECONDS):
+            kwargs.setdefault("flush_seconds", float(os.environ[ENV_FLUSH_SECONDS]))
         return cls(folder, max_mb=max_mb, keep_images=keep_images, **kwargs)
 
     def start(self) -> None:

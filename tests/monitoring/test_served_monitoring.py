@@ -1,0 +1,156 @@
+"""The watched model end to end (slow): the champion served by `mlflow models serve` on
+127.0.0.1 with its request log on, clean then shifted requests over HTTP, `medimg monitor` on
+each window (exit 0, then 3) with its MLflow run and HTML report; then the log's store is
+killed mid-traffic (its folder replaced by a file) and brought back: every request is still
+answered, and the monitoring report counts the failed writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medimg.monitoring.log_store import read_window
+from tests.commands.test_monitor import brighter, monitor, monitoring_runs, planted
+from tests.commands.test_predict import NAME, train_and_register
+from tests.test_pyfunc_classifier import free_port, post, wait_ready
+
+pytestmark = pytest.mark.slow
+FLUSH_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory):
+    return train_and_register(tmp_path_factory.mktemp("watched"))
+
+
+@pytest.fixture(scope="module")
+def served(reg, tmp_path_factory):
+    """(url, log folder): `mlflow models serve` of the champion, logging; always stopped."""
+    root = tmp_path_factory.mktemp("served")
+    log, server_log = root / "requests", root / "server.log"
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": reg.params.mlflow.tracking_uri,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "MEDIMG_REQUEST_LOG": str(log),
+        "MEDIMG_REQUEST_LOG_FLUSH_SECONDS": str(FLUSH_S),
+        "MEDIMG_MODEL_NAME": NAME,
+        "MEDIMG_MODEL_ALIAS": "champion",
+    }
+    with server_log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc, server_log)
+        yield url, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def png64(x: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def send(url: str, images: np.ndarray, per_request: int = 5) -> list[int]:
+    """POST the images as base64 PNG, `per_request` a request; the HTTP status of each."""
+    codes = []
+    for i in range(0, len(images), per_request):
+        rows = [[png64(x)] for x in images[i : i + per_request]]
+        resp = post(url, {"dataframe_split": {"columns": ["image"], "data": rows}})
+        if resp.status_code == 200:
+            assert len(resp.json()["predictions"]) == len(rows)
+        codes.append(resp.status_code)
+    return codes
+
+
+def logged_rows(log: Path) -> int:
+    parts = sorted(log.glob("part-*.parquet")) if log.is_dir() else []
+    return sum(len(pd.read_parquet(p, columns=["sha256"])) for p in parts)
+
+
+def wait_rows(log: Path, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while logged_rows(log) < n:
+        assert time.monotonic() < deadline, f"{logged_rows(log)} rows logged, waiting for {n}"
+        time.sleep(0.3)
+
+
+def test_served_champion_is_watched_clean_passes_shifted_fails(reg, served, tmp_path):
+    url, log = served
+    assert set(send(url, planted(50, seed=21))) == {200}
+    wait_rows(log, 50)
+    clean = tmp_path / "clean"
+    assert monitor(reg, "--log", str(log), "--last", "50", "--out", str(clean)) == 0
+
+    assert set(send(url, brighter(planted(50, seed=22)))) == {200}
+    wait_rows(log, 100)
+    shifted = tmp_path / "shifted"
+    assert monitor(reg, "--log", str(log), "--last", "50", "--out", str(shifted)) == 3
+
+    rows = read_window(log)  # what the server wrote: who answered, and what was asked
+    assert set(rows["model_name"]) == {NAME} and set(rows["model_alias"]) == {"champion"}
+    assert rows["model_id"].nunique() == 1 and rows["emb_0"].notna().all()
+    for out, verdict in ((clean, False), (shifted, True)):
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["drifted"] is verdict
+        assert "<html" in (out / "report.html").read_text().lower()
+        run = [r for r in monitoring_runs(reg) if r.info.run_id == summary["mlflow_run_id"]]
+        assert run and run[0].data.metrics["drifted"] == float(verdict)
+
+
+def test_killed_log_store_never_fails_a_request_and_the_report_counts_it(reg, served, tmp_path):
+    url, log = served
+    before = logged_rows(log)
+    assert set(send(url, planted(20, seed=23))) == {200}
+    wait_rows(log, before + 20)
+
+    aside = log.with_name("requests.aside")
+    log.rename(aside)
+    log.write_text("the store is gone")  # a file where the folder was: every write fails
+    try:
+        codes = send(url, planted(30, seed=24))  # while the writer fails
+        time.sleep(3 * FLUSH_S)  # its flushes come and fail
+    finally:
+        log.unlink()
+        aside.rename(log)
+    assert codes == [200] * 6  # every request answered
+
+    assert set(send(url, planted(30, seed=25))) == {200}  # the store is back
+    wait_rows(log, before + 50)
+    out = tmp_path / "after"
+    assert monitor(reg, "--log", str(log), "--last", "50", "--out", str(out), "--no-mlflow") == 0
+    health = json.loads((out / "summary.json").read_text())["log"]
+    assert health["errors"] >= 1 and health["lost"] == 30, health
+    assert "FileExistsError" in health["last_error"] or "NotADirectory" in health["last_error"]
+    report = (out / "report.html").read_text()
+    assert "lost" in report and str(health["lost"]) in report
+    shutil.rmtree(out)
