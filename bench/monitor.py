@@ -14,6 +14,18 @@ condition and window size, `--windows` random windows go through
 `medimg.monitoring.drift.window_drift` with its default thresholds; the table gives the
 share flagged, and per shift the smallest window size where >= 95% of windows are flagged.
 Clean windows' flagged share is the false-alarm rate. Skips (exit 0) when the data is absent.
+
+With `--model M.keras --split S/split.parquet` (a model trained on the dev zip by the pipeline,
+and its split), the bench watches *that* model as `medimg monitor` does: the reference is the
+one evaluate stores (`medimg.monitoring.reference.with_model_outputs`: properties and the
+penultimate-layer embedding's principal components over the model's train sample + val
+cells, served probabilities over val), windows come from its *test* patients only (never
+seen in training or threshold choice), and `medimg.monitoring.drift.check_window` judges
+all three groups with params.yaml's default thresholds; the table then says which group
+caught each shift.
+
+    python bench/monitor.py --model /path/repo/models/compact_cnn/model.keras \
+                            --split /path/repo/data/split/split.parquet
 """
 
 from __future__ import annotations
@@ -31,17 +43,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from medimg.config import NIH_PATIENT_REGEX
+from medimg.config import NIH_PATIENT_REGEX, DriftConfig, ReferenceConfig
 from medimg.data.properties import PROPERTIES, properties_table
-from medimg.monitoring.drift import window_drift
-from medimg.monitoring.reference import reference_from_table
+from medimg.monitoring.drift import check_window, window_drift
+from medimg.monitoring.reference import (
+    probability_columns,
+    project,
+    reference_from_table,
+    with_model_outputs,
+)
 
 SIZES = (25, 50, 100, 200, 500)
 SHARED = Path("/work/shared/data")
 
 
-def read_cells(path: Path) -> tuple[list[Image.Image], list[str]]:
-    """Every PNG cell of the NIH zip, decoded to RGB, with its patient id."""
+def read_cells(path: Path, names: list[str] | None = None) -> tuple[list[Image.Image], list[str]]:
+    """Every PNG cell of the NIH zip, decoded to RGB, with its patient id (and, when `names`
+    is a list, each cell's path in the zip appended to it)."""
     pattern = re.compile(NIH_PATIENT_REGEX)
     images, patients = [], []
     with zipfile.ZipFile(path) as z:
@@ -54,6 +72,8 @@ def read_cells(path: Path) -> tuple[list[Image.Image], list[str]]:
             with Image.open(io.BytesIO(z.read(name))) as img:
                 images.append(img.convert("RGB"))
             patients.append(match.group(1))
+            if names is not None:
+                names.append(name)
     return images, patients
 
 
@@ -138,6 +158,99 @@ def flag_rate(
     return flagged / windows, named
 
 
+# ------------------------------------------------------------------- watching a real model
+
+
+class Watched:
+    """A trained model as the served one runs it: resize as serving does, one forward pass
+    for probabilities and embedding (`medimg.scoring.probabilities` on the two-output model)."""
+
+    def __init__(self, path: Path) -> None:
+        from medimg.models.loading import load_model, with_embedding
+        from medimg.scoring import model_size
+
+        model = load_model(path)
+        self.size = model_size(model)
+        self.feature_model = with_embedding(model)
+        self.classes = ["Uninfected", "Parasitized"]
+
+    def outputs(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        from medimg.data.images import resize_batch
+        from medimg.scoring import probabilities
+
+        probs, feats = [], []
+        for i in range(0, len(images), 256):
+            x = resize_batch([np.asarray(im) for im in images[i : i + 256]], self.size)
+            sink: list[np.ndarray] = []
+            probs.append(probabilities(self.feature_model, x, embeddings=sink))
+            feats.append(np.concatenate(sink))
+        return np.concatenate(probs), np.concatenate(feats)
+
+
+def model_reference(
+    watched: Watched, images: list[Image.Image], splits: list[str], seed: int
+) -> dict:
+    """What evaluate stores: properties + embedding PCA over a train sample and all of val,
+    predictions over val (at 0.5: the decided-class share is not what is judged here)."""
+    cfg = ReferenceConfig()
+    rng = np.random.default_rng(seed)
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    val = [i for i, s in enumerate(splits) if s == "val"]
+    picks = sorted(rng.choice(train, size=min(cfg.images, len(train)), replace=False).tolist())
+    chosen = [images[i] for i in picks + val]
+    probs, feats = watched.outputs(chosen)
+    p_val = probs[len(picks) :]
+    decided = [watched.classes[int(p >= 0.5)] for p in p_val]
+    return with_model_outputs(
+        reference_from_table(properties_table(chosen)),
+        features=feats,
+        components=cfg.embedding_components,
+        probs=p_val,
+        decisions=decided,
+        classes=watched.classes,
+        seed=seed,
+    )
+
+
+def model_table(watched: Watched, reference: dict, images: list[Image.Image]) -> dict:
+    """Every column a served request logs: properties, emb_i, p_<class>."""
+    probs, feats = watched.outputs(images)
+    table = dict(properties_table(images))
+    table |= project(reference["embedding"], feats)
+    return table | probability_columns(probs, watched.classes)
+
+
+def check_rate(
+    reference: dict, table: dict[str, np.ndarray], size: int, windows: int, rng
+) -> tuple[float, dict[str, int]]:
+    """As `flag_rate`, through `check_window` (all groups, params' default thresholds); named:
+    the group (and OOD) that flagged."""
+    cfg = DriftConfig()
+    floors = {
+        "properties": cfg.min_statistic,
+        "embedding": cfg.embedding_min_statistic,
+        "predictions": cfg.prediction_min_statistic,
+    }
+    n = len(next(iter(table.values())))
+    flagged, named = 0, {}
+    for _ in range(windows):
+        idx = rng.choice(n, size=size, replace=size > n)
+        result = check_window(
+            reference,
+            {k: v[idx] for k, v in table.items()},
+            alpha=cfg.alpha,
+            min_statistic=floors,
+            tolerance=cfg.ood_tolerance,
+            max_ood_share=cfg.max_ood_share,
+            min_requests=cfg.min_requests,
+        )
+        flagged += result["drifted"]
+        hits = {r.split("/")[0] if "/" in r.split(":")[0] else "OOD" for r in result["reasons"]}
+        for name in hits:
+            named[name] = named.get(name, 0) + 1
+    return flagged / windows, named
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zip", type=Path, default=SHARED / "malaria/cell_images_dev.zip")
@@ -145,30 +258,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-patients", type=int, default=100)
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=None, help="a .keras model to watch")
+    parser.add_argument("--split", type=Path, default=None, help="its split.parquet")
     args = parser.parse_args(argv)
     if not args.zip.exists():
         print(f"skip: {args.zip} not found")
         return 0
+    if (args.model is None) != (args.split is None):
+        parser.error("--model and --split go together")
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
-    images, patients = read_cells(args.zip)
+    names: list[str] = []
+    images, patients = read_cells(args.zip, names)
     unique = sorted(set(patients))
-    ref_patients = set(
-        rng.choice(unique, size=min(args.reference_patients, len(unique) - 1), replace=False)
-    )
-    ref_idx = [i for i, p in enumerate(patients) if p in ref_patients]
-    unseen = [images[i] for i, p in enumerate(patients) if p not in ref_patients]
-    reference = reference_from_table(properties_table(images[i] for i in ref_idx))
+    if args.model is not None:
+        import pandas as pd
+
+        split_of = dict(pd.read_parquet(args.split, columns=["path", "split"]).values)
+        splits = [split_of.get(n, "") for n in names]
+        watched = Watched(args.model)
+        reference = model_reference(watched, images, splits, args.seed)
+        unseen = [img for img, s in zip(images, splits, strict=True) if s == "test"]
+        table_of = lambda imgs: model_table(watched, reference, imgs)  # noqa: E731
+        rate_of = check_rate
+        n_ref = reference["n"]
+        ref_desc = f"the model's train sample + val ({n_ref} cells)"
+        test_patients = {p for p, s in zip(patients, splits, strict=True) if s == "test"}
+        unseen_desc = f"its test split, {len(test_patients)} patients"
+    else:
+        ref_patients = set(
+            rng.choice(unique, size=min(args.reference_patients, len(unique) - 1), replace=False)
+        )
+        ref_idx = [i for i, p in enumerate(patients) if p in ref_patients]
+        unseen = [images[i] for i, p in enumerate(patients) if p not in ref_patients]
+        reference = reference_from_table(properties_table(images[i] for i in ref_idx))
+        table_of, rate_of = properties_table, flag_rate
+        ref_desc = f"{len(ref_idx)} cells of {len(ref_patients)} patients"
+        unseen_desc = f"{len(unique) - len(ref_patients)} patients"
     print(
-        f"{len(images)} cells, {len(unique)} patients: reference {len(ref_idx)} cells of "
-        f"{len(ref_patients)} patients; unseen {len(unseen)} cells of "
-        f"{len(unique) - len(ref_patients)} patients"
+        f"{len(images)} cells, {len(unique)} patients: reference {ref_desc}; "
+        f"unseen {len(unseen)} cells of {unseen_desc}"
     )
-    tables = {"clean (false alarms)": properties_table(unseen)}
+    tables = {"clean (false alarms)": table_of(unseen)}
     for name, shift in SHIFTS.items():
-        tables[name] = properties_table(shift(img) for img in unseen)
+        tables[name] = table_of([shift(img) for img in unseen])
     if args.oct.exists():
-        tables["OCT tiles"] = properties_table(read_oct_tiles(args.oct, 500, rng))
+        tables["OCT tiles"] = table_of(read_oct_tiles(args.oct, 500, rng))
     else:
         print(f"no OCT sample at {args.oct}: OCT row skipped")
     print(
@@ -184,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, table in tables.items():
         rates, named = [], {}
         for size in SIZES:
-            rate, counts = flag_rate(reference, table, size, args.windows, rng)
+            rate, counts = rate_of(reference, table, size, args.windows, rng)
             rates.append(rate)
             for key, count in counts.items():
                 named[key] = named.get(key, 0) + count

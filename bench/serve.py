@@ -17,10 +17,11 @@ present (82-229 px, as clients would send them), else synthetic 128 px cells. Pr
 table: per server (`logging` off/on) the two cold-start latencies, then p50/p99 latency per
 request and images/s per load row. With both servers: the p50 logging adds to a 1-image
 request from 1 client (ms, goal <= 2) and how many fewer images/s 32-image requests from N
-clients get (%, goal <= 10). How each server stopped (SIGTERM to its process group, then a
-wait; its atexit flushes the request log). For the logging-on server: rows in the log's
-part-*.parquet vs images answered, and its status-*.json counters. Then the HTTP status of
-each malformed payload. One run's figures: noisy on a shared CPU.
+clients get (%, goal <= 10). How each server stopped: SIGTERM to its process group, then a
+wait for the group to exit. For the logging-on server: rows in the log's part-*.parquet vs
+images answered (the log's atexit flush is meant to write what is pending at the stop: a gap
+says it did not) and the counters of its status-*.json (status.json from older models). Then
+the HTTP status of each malformed payload. One run's figures: noisy on a shared CPU.
 Bounded: every loop stops at its deadline and each server (its process group) is stopped.
 """
 
@@ -235,7 +236,8 @@ def read_log(folder: Path) -> dict:
 
     parts = sorted(folder.glob("part-*.parquet"))
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-    status = [json.loads(p.read_text()) for p in sorted(folder.glob("status-*.json"))]
+    # status-<pid>.json; status.json from a model logged with an older medimg
+    status = [json.loads(p.read_text()) for p in sorted(folder.glob("status*.json"))]
     return {"log_parts": len(parts), "log_rows": rows, "log_status": status}
 
 
@@ -310,7 +312,7 @@ def report(args: argparse.Namespace, kind: str, results: dict[str, dict]) -> Non
         keys = ("logged", "written", "dropped", "lost", "errors", "queued", "last_error")
         for status in res["log_status"] or [None]:
             shown = {k: status.get(k) for k in keys} if status else "none written"
-            print(f"status-*.json: {shown}")
+            print(f"status json: {shown}")
     for res in results.values():
         if "bad" in res:
             print("\n| malformed payload | HTTP status |\n|---|---|")

@@ -85,6 +85,8 @@ def test_logged_model_has_no_input_schema_and_pinned_requirements(reg, pyfunc):
     assert list(local.rglob("*.keras"))
     requirements = (local / "requirements.txt").read_text()
     assert "keras==" in requirements and "pandas==" in requirements
+    assert "pyarrow==" in requirements  # the request log's Parquet writer, where it is served
+    assert list(local.rglob("reference.json"))  # the monitoring reference travels with it
     assert "dataframe_split" in (local / "serving_input_example.json").read_text()
 
 

@@ -73,7 +73,10 @@ class MedimgClassifier(PythonModel):
             reference=reference,
             model_id=_model_id(artifacts.get("keras_model")),
         )
-        if log is None or log.embedding is None:
+        if log is None:
+            return None, self.model
+        _flush_on_sigterm(log)
+        if log.embedding is None:
             return log, self.model
         return log, with_embedding(self.model)
 
@@ -137,6 +140,32 @@ class MedimgClassifier(PythonModel):
             # queued: hashed, measured and written off the request path; never raises
             log.log_request(decoded, answer, embeddings or None)
         return answer
+
+
+def _flush_on_sigterm(log: Any) -> None:
+    """Write the log's queued records when the server is stopped (SIGTERM), then stop as
+    before. `atexit` is not enough: uvicorn, after its graceful shutdown, re-raises SIGTERM
+    with the handler it found at start, and the default one ends the process without running
+    atexit, losing up to `flush_seconds` of records. Installed at load, before uvicorn takes
+    the signal, this handler is the one uvicorn restores and re-raises: it flushes, puts the
+    previous handler back and hands the signal on. Only from the main thread (where MLflow's
+    scoring server loads the model); elsewhere, atexit alone."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def flush_then_stop(signum: int, frame: Any) -> None:
+        log.close()
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, flush_then_stop)
 
 
 def _model_id(keras_artifact: str | None) -> str | None:

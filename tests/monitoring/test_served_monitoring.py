@@ -8,6 +8,7 @@ answered, and the monitoring report counts the failed writes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -37,11 +38,11 @@ def reg(tmp_path_factory):
     return train_and_register(tmp_path_factory.mktemp("watched"))
 
 
-@pytest.fixture(scope="module")
-def served(reg, tmp_path_factory):
-    """(url, log folder): `mlflow models serve` of the champion, logging; always stopped."""
-    root = tmp_path_factory.mktemp("served")
-    log, server_log = root / "requests", root / "server.log"
+@contextlib.contextmanager
+def serving(reg, log: Path, flush_s: float):
+    """`mlflow models serve` of the champion logging to `log`; yields (url, process), always
+    stopped (SIGTERM to its process group, SIGKILL after 20 s)."""
+    server_log = log.with_name(f"{log.name}.server.log")
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
@@ -52,7 +53,7 @@ def served(reg, tmp_path_factory):
         "MLFLOW_TRACKING_URI": reg.params.mlflow.tracking_uri,
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "MEDIMG_REQUEST_LOG": str(log),
-        "MEDIMG_REQUEST_LOG_FLUSH_SECONDS": str(FLUSH_S),
+        "MEDIMG_REQUEST_LOG_FLUSH_SECONDS": str(flush_s),
         "MEDIMG_MODEL_NAME": NAME,
         "MEDIMG_MODEL_ALIAS": "champion",
     }
@@ -63,15 +64,35 @@ def served(reg, tmp_path_factory):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc, server_log)
-        yield url, log
+        yield url, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + 20  # the CLI exits first; uvicorn finishes its shutdown
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(reg, tmp_path_factory):
+    """(url, log folder) of a champion served with a 1 s flush interval."""
+    log = tmp_path_factory.mktemp("served") / "requests"
+    with serving(reg, log, FLUSH_S) as (url, _):
+        yield url, log
 
 
 def png64(x: np.ndarray) -> str:
@@ -154,3 +175,12 @@ def test_killed_log_store_never_fails_a_request_and_the_report_counts_it(reg, se
     report = (out / "report.html").read_text()
     assert "lost" in report and str(health["lost"]) in report
     shutil.rmtree(out)
+
+
+def test_stopping_the_server_writes_what_it_had_queued(reg, tmp_path):
+    log = tmp_path / "requests"
+    with serving(reg, log, flush_s=600) as (url, proc):  # no flush before the stop
+        assert set(send(url, planted(20, seed=26))) == {200}
+        assert logged_rows(log) == 0
+        stop(proc)  # SIGTERM, as a service manager stops it
+    assert logged_rows(log) == 20

@@ -65,14 +65,21 @@ def as_rgb(pixels: Any) -> np.ndarray:
 
 
 def image_properties(pixels: Any) -> dict[str, float]:
-    """Every property of PROPERTIES for one image (see the module docstring for definitions)."""
-    rgb = as_rgb(pixels).astype(np.float32)
-    h, w = rgb.shape[:2]
+    """Every property of PROPERTIES for one image (see the module docstring for definitions).
+
+    Written for the served model's request log, which measures every scored image on the
+    serving host's CPU: channels as contiguous float32 planes and plain elementwise ops (a
+    `@` with a 3-long inner axis or a reduction over the last axis of size 3 costs several
+    times more on cell-sized images): ~0.4 ms for a 150 px cell on one core."""
+    x = as_rgb(pixels)
+    h, w = x.shape[:2]
     if h == 0 or w == 0:
         raise ValueError("empty image")
-    luma = rgb @ LUMA
-    hi, lo = rgb.max(axis=2), rgb.min(axis=2)
-    sat = np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    r, g, b = np.moveaxis(x, 2, 0).astype(np.float32)
+    luma = LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
+    hi = np.maximum(np.maximum(r, g), b)
+    lo = np.minimum(np.minimum(r, g), b)
+    sat = (hi - lo) / np.maximum(hi, np.float32(1.0))  # hi == 0 means lo == 0: 0 / 1 = 0
     sharpness = 0.0
     if h >= 3 and w >= 3:
         lap = (
@@ -80,10 +87,9 @@ def image_properties(pixels: Any) -> dict[str, float]:
             + luma[2:, 1:-1]
             + luma[1:-1, :-2]
             + luma[1:-1, 2:]
-            - 4.0 * luma[1:-1, 1:-1]
+            - np.float32(4.0) * luma[1:-1, 1:-1]
         )
-        sharpness = float(lap.astype(np.float64).var())
-    means = rgb.reshape(-1, 3).astype(np.float64).mean(axis=0) / 255.0
+        sharpness = float(lap.var(dtype=np.float64))
     return {
         "brightness": float(luma.mean(dtype=np.float64) / 255.0),
         "contrast": float(luma.std(dtype=np.float64) / 255.0),
@@ -92,9 +98,9 @@ def image_properties(pixels: Any) -> dict[str, float]:
         "height": float(h),
         "width": float(w),
         "size": float(h * w),
-        "mean_r": float(means[0]),
-        "mean_g": float(means[1]),
-        "mean_b": float(means[2]),
+        "mean_r": float(r.mean(dtype=np.float64) / 255.0),
+        "mean_g": float(g.mean(dtype=np.float64) / 255.0),
+        "mean_b": float(b.mean(dtype=np.float64) / 255.0),
     }
 
 

@@ -242,7 +242,9 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for pkg in ("keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "pandas", "pydantic"):
+    # pyarrow: the served model's request log writes Parquet (medimg.monitoring.request_log)
+    packages = ("keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "pandas", "pydantic")
+    for pkg in (*packages, "pyarrow"):
         try:
             reqs.append(f"{pkg}=={version(pkg)}")
         except PackageNotFoundError:
