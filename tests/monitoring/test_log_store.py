@@ -103,6 +103,20 @@ def test_last_n_with_ties_at_the_cut_off_gives_exactly_n(tmp_path) -> None:
     assert minutes(read_window(folder, last=5)) == [1, 2, 2, 2, 3]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="log_store.read_window: last=0 (or < 0) with matching rows calls "
+    "np.partition(stamps, len(stamps) - last) with kth == len: numpy ValueError 'kth out of "
+    "bounds' instead of an empty window (medimg monitor --last 0 --since T tracebacks)",
+)
+def test_last_zero_is_an_empty_window(log) -> None:
+    try:
+        frame = read_window(log, last=0)
+    except LogError:  # a clear refusal would do too
+        return
+    assert frame.empty
+
+
 @pytest.mark.parametrize(
     ("since", "until"),
     [
