@@ -109,11 +109,19 @@ def blur(img: Image.Image) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(1.5))
 
 
-def hue_shift(img: Image.Image) -> Image.Image:
-    """Hue rotated by 20 degrees: another stain batch or white balance."""
-    h, s, v = img.convert("HSV").split()
-    h = h.point(lambda x: (x + 14) % 256)
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
+def hue_rotation(degrees: float) -> Callable[[Image.Image], Image.Image]:
+    """Hue rotated by `degrees`: another stain batch or white balance."""
+    step = round(degrees * 256 / 360)
+
+    def shift(img: Image.Image) -> Image.Image:
+        h, s, v = img.convert("HSV").split()
+        h = h.point(lambda x: (x + step) % 256)
+        return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+    return shift
+
+
+hue_shift = hue_rotation(20)
 
 
 def jpeg30(img: Image.Image) -> Image.Image:
@@ -133,6 +141,7 @@ SHIFTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "gamma 1.5 (darker)": gamma_darker,
     "blur (Gaussian r=1.5)": blur,
     "hue +20°": hue_shift,
+    "hue +40°": hue_rotation(40),
     "JPEG q=30": jpeg30,
     "grayscale as RGB": grayscale,
 }
@@ -279,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         watched = Watched(args.model)
         reference = model_reference(watched, images, splits, args.seed)
         unseen = [img for img, s in zip(images, splits, strict=True) if s == "test"]
+        labels = np.array(
+            [int("/Parasitized/" in n) for n, s in zip(names, splits, strict=True) if s == "test"]
+        )
         table_of = lambda imgs: model_table(watched, reference, imgs)  # noqa: E731
         rate_of = check_rate
         n_ref = reference["n"]
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         test_patients = {p for p, s in zip(patients, splits, strict=True) if s == "test"}
         unseen_desc = f"its test split, {len(test_patients)} patients"
     else:
+        labels = None
         ref_patients = set(
             rng.choice(unique, size=min(args.reference_patients, len(unique) - 1), replace=False)
         )
@@ -314,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         "| condition | "
         + " | ".join(f"n={s}" for s in SIZES)
         + " | smallest n with >= 95% flagged | flagged by |"
+        + (" model's accuracy / sensitivity at 0.5 |" if labels is not None else "")
     )
-    print("|---|" + "---|" * (len(SIZES) + 2))
+    print("|---|" + "---|" * (len(SIZES) + 2 + (labels is not None)))
     for name, table in tables.items():
         rates, named = [], {}
         for size in SIZES:
@@ -328,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("clean"):
             smallest = "n/a"
         cells = " | ".join(f"{r:.0%}" for r in rates)
-        print(f"| {name} | {cells} | {smallest} | {', '.join(tops) or '—'} |")
+        harm = ""
+        if labels is not None:  # what the shift does to the watched model (OCT: no labels)
+            harm = " — |"
+            if len(table["p_Parasitized"]) == len(labels):
+                pred = (table["p_Parasitized"] >= 0.5).astype(int)
+                harm = f" {(pred == labels).mean():.3f} / {pred[labels == 1].mean():.3f} |"
+        print(f"| {name} | {cells} | {smallest} | {', '.join(tops) or '—'} |{harm}")
     print(f"\n{args.windows} windows per cell; {time.perf_counter() - t0:.0f} s in all")
     return 0
 

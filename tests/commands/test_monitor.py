@@ -167,3 +167,21 @@ def test_bad_inputs_are_one_line_errors(reg, monkeypatch, tmp_path, capsys):
     assert monitor(reg, "export", "--log", str(log), "--out", str(tmp_path / "x")) == 1
     assert "no kept images" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_monitor_never_imports_tensorflow(reg, tmp_path):
+    """A scheduled check on a small box: `medimg monitor` loads no model, so no TensorFlow
+    (5 s and ~430 MB of start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom medimg import cli\n"
+        "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    argv = ["--params", str(reg.params_file), "monitor", "--log", str(tmp_path / "none")]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.split() == ["exit", "1", "False", "False"], out.stderr[-2000:]

@@ -103,18 +103,13 @@ def test_last_n_with_ties_at_the_cut_off_gives_exactly_n(tmp_path) -> None:
     assert minutes(read_window(folder, last=5)) == [1, 2, 2, 2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="log_store.read_window: last=0 (or < 0) with matching rows calls "
-    "np.partition(stamps, len(stamps) - last) with kth == len: numpy ValueError 'kth out of "
-    "bounds' instead of an empty window (medimg monitor --last 0 --since T tracebacks)",
-)
 def test_last_zero_is_an_empty_window(log) -> None:
-    try:
-        frame = read_window(log, last=0)
-    except LogError:  # a clear refusal would do too
-        return
-    assert frame.empty
+    assert read_window(log, last=0).empty
+
+
+def test_a_date_that_is_not_one_is_a_log_error(log) -> None:
+    with pytest.raises(LogError, match="'yesterday': not an ISO date/time"):
+        read_window(log, since="yesterday")
 
 
 @pytest.mark.parametrize(

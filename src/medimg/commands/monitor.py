@@ -35,7 +35,11 @@ DRIFT_EXIT = 3
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", choices=("check", "export"), default="check")
-    p.add_argument("--log", default=None, help="request log folder (default: $MEDIMG_REQUEST_LOG)")
+    p.add_argument(
+        "--log",
+        default=None,
+        help="request log folder or postgresql:// URL (default: $MEDIMG_REQUEST_LOG)",
+    )
     p.add_argument(
         "--model",
         default="champion",
@@ -56,9 +60,11 @@ def run(params: Params, args: argparse.Namespace) -> int:
     from medimg.commands.card import resolve
     from medimg.tracking import monitoring as tracked
 
-    folder = Path(args.log or os.environ.get("MEDIMG_REQUEST_LOG", "") or "")
-    if not str(args.log or os.environ.get("MEDIMG_REQUEST_LOG", "")):
+    raw = args.log or os.environ.get("MEDIMG_REQUEST_LOG", "") or ""
+    if not raw:
         raise MedimgError("no request log: pass --log DIR or set MEDIMG_REQUEST_LOG", 2)
+    # a database URL stays a string: Path() would collapse its "//"
+    folder: str | Path = raw if raw.startswith(("postgresql://", "postgres://")) else Path(raw)
     if args.last is not None and args.last < 1:
         raise MedimgError(f"--last must be >= 1, got {args.last}", 2)
     tracking.configure(params.mlflow, params.dataset.name)
@@ -117,8 +123,9 @@ def _selector(args: argparse.Namespace, default: int) -> str:
     return f"last {args.last or default} requests"
 
 
-def _read(folder: Path, model_id: str, args: argparse.Namespace, default: int) -> Any:
+def _read(folder: str | Path, model_id: str, args: argparse.Namespace, default: int) -> Any:
     from medimg.monitoring.log_store import LogError, read_window
+    from medimg.monitoring.pg_log import redact
 
     last = args.last if (args.last or args.since or args.until) else default
     try:
@@ -128,7 +135,8 @@ def _read(folder: Path, model_id: str, args: argparse.Namespace, default: int) -
     except LogError as err:
         raise MedimgError(str(err)) from None
     if frame.empty:
-        raise MedimgError(f"{folder}: no request of model {model_id} logged in the window")
+        where = redact(str(folder))
+        raise MedimgError(f"{where}: no request of model {model_id} logged in the window")
     return frame
 
 
@@ -151,7 +159,9 @@ def _reference(path: str | None, name: str, version: str) -> dict[str, Any]:
     return found
 
 
-def check(window: Any, reference: dict[str, Any], params: Params, folder: Path) -> dict[str, Any]:
+def check(
+    window: Any, reference: dict[str, Any], params: Params, folder: str | Path
+) -> dict[str, Any]:
     """The window's verdict (`check_window` with params' thresholds) plus its time span and
     the request log's health counters."""
     from medimg.monitoring.drift import check_window
@@ -221,17 +231,19 @@ def _print(summary: dict[str, Any], out: Path) -> None:
     print(f"report: {out / 'report.html'}")
 
 
-def export(window: Any, folder: Path, out: Path, name: str, version: str) -> int:
+def export(window: Any, folder: str | Path, out: Path, name: str, version: str) -> int:
     """The window's kept images, filed by decided class for relabeling, + predictions.csv."""
+    from medimg.monitoring.pg_log import redact
+
     if "image_file" not in window or window["image_file"].isna().all():
         raise MedimgError(
-            f"{folder}: no kept images in the window (serve with monitoring.keep_images: true "
-            "or MEDIMG_REQUEST_LOG_KEEP_IMAGES=1)"
+            f"{redact(str(folder))}: no kept images in the window (serve with "
+            "monitoring.keep_images: true or MEDIMG_REQUEST_LOG_KEEP_IMAGES=1)"
         )
     rows, missing = [], 0
     with atomic_dir(out) as tmp:
         for rec in window.to_dict("records"):
-            src = folder / str(rec.get("image_file") or "")
+            src = Path(folder) / str(rec.get("image_file") or "")  # a database log's: absolute
             if not rec.get("image_file") or not src.is_file():
                 missing += 1
                 continue

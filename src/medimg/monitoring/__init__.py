@@ -1,21 +1,20 @@
-"""Monitoring, first slice: drift of served images' *properties* against a training reference.
+"""Watching the served model: what it is asked, against what it was built on.
 
-What exists (pure functions, numpy + scipy + the data layer's `medimg.data.properties`; no
-TensorFlow, no MLflow, nothing runs at import time):
+Nothing here imports a stage, a command, MLflow or TensorFlow at import time; the served model
+(`medimg.pyfunc_classifier`) imports `request_log`, evaluate imports `profile`, and `medimg
+monitor` (`medimg.commands.monitor`, with `medimg.tracking.monitoring` for MLflow) the rest.
 
-- `reference.build_reference`: the per-image properties of the training images, stored as a
-  small JSON-serialisable dict (per property: n, mean, std and fixed quantiles), so the
-  reference can travel with a model without shipping its images.
-- `drift.property_drift` / `drift.window_drift`: a KS test per property of a window of
-  requests against that reference, plus a per-request out-of-distribution flag (a property
-  outside the reference's extreme quantiles) and its share in the window.
-
-- `request_log.RequestLog`: the served model's log of what it scored (properties, hash,
-  probabilities, decision; no pixels) as Parquet parts in `MEDIMG_REQUEST_LOG`, written off
-  the request path; off when that variable is unset.
-
-What does not exist yet: no `medimg monitor` command reading that log, no MLflow run for a
-monitoring window, no reference written by the pipeline (no DVC stage or model artifact
-carries one), no alerting, and no drift of the model's *outputs* (confidence, predicted-class
-share) — only of its inputs.
+- `reference`: the reference profile's format: per column n, mean, std and 103 quantiles;
+  image properties at the top level, the penultimate-layer embedding's PCA and its components
+  under `embedding`, val's served probabilities and class shares under `predictions`.
+- `profile`: evaluate's side: measures a train sample + val through the split's shards and
+  the model's two-output copy, and builds the reference stored with the served model.
+- `request_log`: the served model's log, one row per scored image (properties, embedding
+  components, answer, hashes; pixels only with keep_images), written off the request path
+  as Parquet parts in a folder, or to PostgreSQL (`pg_log`) for a URL.
+- `log_store`: reads a window of that log back (last N, or by time, for one model) and the
+  writers' health counters.
+- `drift`: the KS test of a window against the reference per column, the out-of-distribution
+  flag per request, the verdict (`check_window`) and its metrics.
+- `report`: the HTML report of a verdict, with a plot per column.
 """

@@ -25,6 +25,12 @@ a failed write (read-only folder, disk full, no pyarrow) counts in `errors` and 
 in `lost`; the counters are attributes and, when the folder can be written,
 `status-<pid>.json` (one per serving process; `medimg monitor` sums them).
 Remaining records are flushed at interpreter exit (atexit), best-effort.
+
+`MEDIMG_REQUEST_LOG=postgresql://...` writes the rows to a PostgreSQL table instead, one COPY
+per flush, and the counters to a status row per writer (`medimg.monitoring.pg_log`: schema,
+grants, reaching it, why a failed batch is dropped rather than retried): same counters, same
+rule. Kept images then need a folder, `MEDIMG_REQUEST_LOG_IMAGES` (`image_file`: the absolute
+path); without one `keep_images` is refused (one error counted, `last_error` says why).
 """
 
 from __future__ import annotations
@@ -45,10 +51,13 @@ from typing import Any
 
 import numpy as np
 
+from medimg.monitoring.pg_log import PgSink, is_url, redact
+
 ENV_FOLDER = "MEDIMG_REQUEST_LOG"
 ENV_MAX_MB = "MEDIMG_REQUEST_LOG_MAX_MB"
 ENV_KEEP_IMAGES = "MEDIMG_REQUEST_LOG_KEEP_IMAGES"
 ENV_FLUSH_SECONDS = "MEDIMG_REQUEST_LOG_FLUSH_SECONDS"  # default 10: a part at least this often
+ENV_IMAGES = "MEDIMG_REQUEST_LOG_IMAGES"  # with a database log: the folder for kept images
 ENV_MODEL = {
     "model_name": "MEDIMG_MODEL_NAME",
     "model_version": "MEDIMG_MODEL_VERSION",
@@ -90,7 +99,8 @@ def pixels_sha256(pixels: Any) -> str:
 
 
 class RequestLog:
-    """Records of scored images → Parquet parts in `folder`, written by one background thread."""
+    """Records of scored images → Parquet parts in `folder` (or rows in the database a
+    `postgresql://` URL names), written by one background thread."""
 
     def __init__(
         self,
@@ -104,8 +114,13 @@ class RequestLog:
         reference: dict[str, Any] | None = None,
         keep_images: bool = False,
         model_id: str | None = None,
+        images_folder: str | os.PathLike[str] | None = None,
+        table: str | None = None,
     ) -> None:
-        self.folder = Path(folder)
+        self.url = str(folder) if is_url(folder) else None  # rows to a database; images apart
+        self.sink = PgSink(self.url, table) if self.url else None  # connects at the first write
+        images = Path(images_folder).absolute() if images_folder else None
+        self.folder: Path | None = Path(folder) if self.url is None else images
         # the served model's monitoring reference: its embedding PCA reduces each request's
         # embedding to the few `emb_i` numbers logged (medimg.monitoring.reference.project)
         self.embedding = (reference or {}).get("embedding")
@@ -128,6 +143,10 @@ class RequestLog:
         self.errors = 0  # failed writes (of a part, a kept image, an embedding)
         self.deleted = 0  # parts deleted to keep the folder under max_bytes
         self.last_error: str | None = None
+        if self.keep_images and self.folder is None:
+            self.keep_images = False
+            self.errors += 1
+            self.last_error = f"keep_images: a database log keeps images in {ENV_IMAGES}, unset"
         self._seq = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="medimg-request-log", daemon=True)
@@ -149,6 +168,8 @@ class RequestLog:
             keep_images = keep in ("1", "true", "yes")
         if os.environ.get(ENV_FLUSH_SECONDS):
             kwargs.setdefault("flush_seconds", float(os.environ[ENV_FLUSH_SECONDS]))
+        if is_url(folder) and os.environ.get(ENV_IMAGES, "").strip():
+            kwargs.setdefault("images_folder", os.environ[ENV_IMAGES].strip())
         return cls(folder, max_mb=max_mb, keep_images=keep_images, **kwargs)
 
     def start(self) -> None:
@@ -253,6 +274,8 @@ class RequestLog:
 
         rel = f"{IMAGES}/{sha256}.png"
         dest = self.folder / rel
+        if self.url is not None:  # rows in a database: the path the images folder gives
+            rel = str(dest)
         if dest.exists():
             return rel
         try:
@@ -295,10 +318,15 @@ class RequestLog:
                 self._thread.join(timeout)
             except Exception:
                 self._count(errors=1)
+        if self.sink is not None and not self._thread.is_alive():
+            self.sink.close()
 
     def status(self) -> dict[str, Any]:
+        where = {"folder": None if self.folder is None else str(self.folder)}
+        if self.url is not None:
+            where = {"database": redact(self.url), **where}
         return {
-            "folder": str(self.folder),
+            **where,
             "pid": os.getpid(),
             "updated": datetime.now(UTC).isoformat(),
             "logged": self.logged,
@@ -344,6 +372,9 @@ class RequestLog:
     def _write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
+        if self.sink is not None:
+            self._write_db(records)
+            return
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -367,9 +398,23 @@ class RequestLog:
             self.last_error = f"write: {type(err).__name__}: {err}"
         self._write_status()
 
+    def _write_db(self, records: list[dict[str, Any]]) -> None:
+        """One batch into the database; a failure is counted and the batch dropped."""
+        try:
+            self.sink.insert(records)
+            self._count(written=len(records))
+        except Exception as err:  # down, unreachable, refused: count it, keep serving
+            self._count(errors=1)
+            self._count(lost=len(records))
+            self.last_error = f"write: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        if self.keep_images and self.folder is not None:
+            self._bound(keep="")
+        self.sink.write_status(self.status())
+
     def _bound(self, keep: str) -> None:
         """Delete the oldest parts and kept images while they exceed max_bytes (not `keep`)."""
         parts = []
+
         for path in [*self.folder.glob(PART_GLOB), *self.folder.glob(f"{IMAGES}/*.png")]:
             with contextlib.suppress(OSError):
                 stat = path.stat()
