@@ -349,6 +349,22 @@ def main(argv: list[str] | None = None) -> int:
                 pred = (table["p_Parasitized"] >= 0.5).astype(int)
                 harm = f" {(pred == labels).mean():.3f} / {pred[labels == 1].mean():.3f} |"
         print(f"| {name} | {cells} | {smallest} | {', '.join(tops) or '—'} |{harm}")
+    if args.model is not None:  # how far each group moved, on every unseen cell at once
+        from medimg.monitoring.drift import property_drift, reference_group
+
+        groups = ("properties", "embedding", "predictions")
+        print(
+            "\n| condition (all cells) | " + " | ".join(f"largest KS: {g}" for g in groups) + " |"
+        )
+        print("|---|" + "---|" * len(groups))
+        for name, table in tables.items():
+            cells = []
+            for group in groups:
+                ref = reference_group(reference, group)
+                rows = property_drift(ref, {k: table[k] for k in ref["properties"] if k in table})
+                top = max(rows, key=lambda k: rows[k]["statistic"])
+                cells.append(f"{rows[top]['statistic']:.3f} ({top})")
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n{args.windows} windows per cell; {time.perf_counter() - t0:.0f} s in all")
     return 0
 

@@ -122,7 +122,7 @@ def test_loading_warms_the_model_up_and_logs_nothing_by_default(pyfunc):
     assert served.warmed_up is True  # one black image scored at load: no tracing on request 1
     assert served.request_log is None  # MEDIMG_REQUEST_LOG unset: logging off
     broken = copy.copy(served)
-    broken.model = None  # a warm-up that fails is skipped, not a failed load
+    broken.model = broken.scorer = None  # a warm-up that fails is skipped, not a failed load
     assert broken._warm_up() is False
 
 

@@ -201,3 +201,12 @@ def test_reference_density_keeps_point_masses(reference) -> None:
         counts, _ = np.histogram(values, bins=edges)
         # nearly all the mass (the CDF interpolates 1% between tied runs) is where the values are
         assert mass[counts > 0].sum() > 0.95
+
+
+def test_out_of_distribution_requests_are_listed_by_hash(reference, window) -> None:
+    requests = [{"id": f"{i:064x}", "properties": ["saturation", "size"]} for i in range(25)]
+    ood = {"share": 0.5, "flagged": True, "max_share": 0.1, "count": 25, "requests": requests}
+    page = render_html(_summary(reference, window, ood=ood), reference, {})
+    box = page[page.index('id="ood"') :]
+    assert box.count("<code>") == 20 and "saturation, size" in box
+    assert "and 5 more in summary.json" in box

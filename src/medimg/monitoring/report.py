@@ -218,7 +218,27 @@ def _ood_box(ood: Mapping[str, Any] | None, thresholds: Mapping[str, Any]) -> st
         f"<h3>Out-of-distribution requests</h3>"
         f"<p>{_fmt(ood.get('share'), '.1%')} of the window ({_e(ood.get('count', '?'))} "
         f"requests; alarm above {_fmt(limit, '.0%')}). Properties outside the reference "
-        f"range: {which}.</p></div>"
+        f"range: {which}.</p>{_ood_requests(ood.get('requests') or [])}</div>"
+    )
+
+
+OOD_LISTED = 20
+
+
+def _ood_requests(requests: list[Mapping[str, Any]]) -> str:
+    """The first flagged requests, by image hash (the request log's `sha256`), and why."""
+    if not requests:
+        return ""
+    rows = "".join(
+        f"<tr><td><code>{_e(str(r.get('id'))[:16])}</code></td>"
+        f"<td>{_e(', '.join(r.get('properties') or []))}</td></tr>"
+        for r in requests[:OOD_LISTED]
+    )
+    more = len(requests) - OOD_LISTED
+    tail = f"<p>... and {more} more in summary.json.</p>" if more > 0 else ""
+    return (
+        "<table><tr><th>request (sha256)</th><th>outside the reference</th></tr>"
+        f"{rows}</table>{tail}"
     )
 
 
