@@ -322,6 +322,42 @@ def report(args: argparse.Namespace, kind: str, results: dict[str, dict]) -> Non
             print(f"\nserver still serving after the malformed payloads: {alive}")
 
 
+def writer_cost(data: list[bytes], repeats: int = 10) -> list[tuple[str, float]]:
+    """CPU ms per cell of the request log's writer work, in process, on the same cells: what
+    logging takes from serving when the cores are busy."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+    from PIL import Image
+
+    from medimg.data.properties import image_properties
+    from medimg.monitoring.request_log import RequestLog, _Request, pixels_sha256
+
+    images = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in data[:32]]
+    answer = pd.DataFrame({"class": ["Parasitized"] * len(images), "probability": 0.9,
+                           "p_Parasitized": 0.9, "threshold": 0.5})  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix="medimg-bench-writer-", dir="/tmp"))
+    log = RequestLog(folder, start=False)
+    request = lambda: _Request(datetime.now(UTC), images, answer.copy(), 0)  # noqa: E731
+    steps = {
+        "properties (original pixels)": lambda: [image_properties(x) for x in images],
+        "sha256": lambda: [pixels_sha256(x) for x in images],
+        "whole row (properties, hash, answer)": lambda: log._records(request()),
+        "row + Parquet part of 32": lambda: log._write(log._records(request())),
+    }
+    out = []
+    try:
+        for name, step in steps.items():
+            t0 = time.process_time()
+            for _ in range(repeats):
+                step()
+            out.append((name, (time.process_time() - t0) / repeats / len(images) * 1000))
+    finally:
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}")
@@ -346,6 +382,9 @@ def main() -> None:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
     report(args, kind, results)
+    print("\n| request log writer, per cell (in process, CPU time) | ms |\n|---|---|")
+    for name, ms in writer_cost(data):
+        print(f"| {name} | {ms:.3f} |")
 
 
 if __name__ == "__main__":
