@@ -8,6 +8,7 @@ without it those checks skip and the synthetic-image variants still run.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import os
@@ -238,51 +239,60 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180
     pytest.fail(f"server not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, tracking_uri: str, server_log: Path, env: dict | None = None):
+    """`mlflow models serve` of `model_uri` on a free 127.0.0.1 port, its output in
+    `server_log`; yields (url, process) once /ping answers, and always stops it (`stop`)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    full_env = {
+        **os.environ,
+        # `mlflow models serve` execs uvicorn by name: the venv's, also outside `make`
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **(env or {}),
+    }
+    with server_log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc, server_log)
+        yield url, proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the CLI and the uvicorn it started), SIGKILL
+    after 20 s; returns once the whole group is gone (uvicorn outlives the CLI briefly)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def server(reg, tmp_path_factory):
     """`mlflow models serve` of the champion on a free port; always stopped afterwards."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        CHAMPION,
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = {
-        **os.environ,
-        # `mlflow models serve` execs uvicorn by name: the venv's, also outside `make`
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "MLFLOW_TRACKING_URI": reg.params.mlflow.tracking_uri,
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, proc, log)
+    with mlflow_serve(CHAMPION, reg.params.mlflow.tracking_uri, log) as (url, _):
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the uvicorn it started
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def post(url: str, body: object | str):

@@ -11,11 +11,7 @@ import base64
 import contextlib
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +23,7 @@ from PIL import Image
 from medimg.monitoring.log_store import log_health, read_window
 from tests.commands.test_monitor import brighter, monitor, monitoring_runs, planted
 from tests.commands.test_predict import NAME, train_and_register
-from tests.test_pyfunc_classifier import free_port, post, wait_ready
+from tests.test_pyfunc_classifier import mlflow_serve, post, stop
 
 pytestmark = pytest.mark.slow
 FLUSH_S = 1.0
@@ -40,51 +36,17 @@ def reg(tmp_path_factory):
 
 @contextlib.contextmanager
 def serving(reg, log: Path, flush_s: float):
-    """`mlflow models serve` of the champion logging to `log`; yields (url, process), always
-    stopped (SIGTERM to its process group, SIGKILL after 20 s)."""
-    server_log = log.with_name(f"{log.name}.server.log")
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]  # fmt: skip
+    """The champion served, logging to `log`; yields (url, process), always stopped."""
     env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "MLFLOW_TRACKING_URI": reg.params.mlflow.tracking_uri,
-        "TF_CPP_MIN_LOG_LEVEL": "3",
         "MEDIMG_REQUEST_LOG": str(log),
         "MEDIMG_REQUEST_LOG_FLUSH_SECONDS": str(flush_s),
         "MEDIMG_MODEL_NAME": NAME,
         "MEDIMG_MODEL_ALIAS": "champion",
     }
-    with server_log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, proc, server_log)
-        yield url, proc
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    deadline = time.monotonic() + 20  # the CLI exits first; uvicorn finishes its shutdown
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    server_log = log.with_name(f"{log.name}.server.log")
+    uri, tracking = f"models:/{NAME}@champion", reg.params.mlflow.tracking_uri
+    with mlflow_serve(uri, tracking, server_log, env) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
