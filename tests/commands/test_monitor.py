@@ -71,6 +71,8 @@ def monitoring_runs(reg) -> list:
     mlflow.set_tracking_uri(reg.params.mlflow.tracking_uri)
     exp = mlflow.get_experiment_by_name("medimg-malaria-monitoring")
     assert exp is not None, "no monitoring experiment"
+    # shown in the UI's model-training view, beside the training experiment, not as GenAI
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     runs = mlflow.MlflowClient().search_runs([exp.experiment_id], order_by=["start_time ASC"])
     return list(runs)
 

@@ -57,8 +57,8 @@ def configure(cfg: MlflowConfig, dataset: str) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     name = cfg.experiment_name(dataset)
     found = mlflow.get_experiment_by_name(name)
-    exp_id = ensure_experiment(name, cfg)
-    if found is None or found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+    exp_id = ensure_experiment(name, cfg)  # a new one is tagged there
+    if found is not None and found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         _set_kind(exp_id)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
@@ -75,8 +75,11 @@ def ensure_experiment(name: str, cfg: MlflowConfig) -> str:
     if is_local_store(tracking_uri(cfg)):
         artifacts = Path(cfg.artifact_root).resolve()
         artifacts.mkdir(parents=True, exist_ok=True)
-        return mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
-    return mlflow.create_experiment(name)
+        exp_id = mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+    else:
+        exp_id = mlflow.create_experiment(name)
+    _set_kind(exp_id)  # the UI's model-training view, not its GenAI one
+    return exp_id
 
 
 def _set_kind(exp_id: str) -> None:
