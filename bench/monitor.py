@@ -11,7 +11,7 @@ patients' cells (uniformly over cells), either clean or shifted (gamma-darker, G
 hue rotation, JPEG quality 30, grayscale as RGB) or replaced by OCT B-scans cut into
 cell-sized tiles (so size does not give them away: only colour and texture can). For each
 condition and window size, `--windows` random windows go through
-`medimg.monitoring.drift.window_drift` with its default thresholds; the table gives the
+`medimg.monitoring.drift.check_window` with params.yaml's default thresholds; the table gives the
 share flagged, and per shift the smallest window size where >= 95% of windows are flagged.
 Clean windows' flagged share is the false-alarm rate. Skips (exit 0) when the data is absent.
 
@@ -44,8 +44,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from medimg.config import NIH_PATIENT_REGEX, DriftConfig, ReferenceConfig
-from medimg.data.properties import PROPERTIES, properties_table
-from medimg.monitoring.drift import check_window, window_drift
+from medimg.data.properties import properties_table
+from medimg.monitoring.drift import check_window
 from medimg.monitoring.reference import (
     probability_columns,
     project,
@@ -147,26 +147,6 @@ SHIFTS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
-def subset(table: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: table[name][idx] for name in PROPERTIES}
-
-
-def flag_rate(
-    reference: dict, table: dict[str, np.ndarray], size: int, windows: int, rng
-) -> tuple[float, dict[str, int]]:
-    """Share of `windows` random windows of `size` requests flagged, and how often each
-    property (or 'OOD', the out-of-distribution share) was named."""
-    n = len(table[PROPERTIES[0]])
-    flagged, named = 0, {}
-    for _ in range(windows):
-        idx = rng.choice(n, size=size, replace=size > n)
-        result = window_drift(reference, subset(table, idx))
-        flagged += result["drifted"]
-        for name in result["drifted_properties"] + (["OOD"] if result["ood_flagged"] else []):
-            named[name] = named.get(name, 0) + 1
-    return flagged / windows, named
-
-
 # ------------------------------------------------------------------- watching a real model
 
 
@@ -232,8 +212,9 @@ def model_table(watched: Watched, reference: dict, images: list[Image.Image]) ->
 def check_rate(
     reference: dict, table: dict[str, np.ndarray], size: int, windows: int, rng
 ) -> tuple[float, dict[str, int]]:
-    """As `flag_rate`, through `check_window` (all groups, params' default thresholds); named:
-    the group (and OOD) that flagged."""
+    """Share of `windows` random windows of `size` requests that `check_window` flags (all
+    groups the reference has, params' default thresholds), and how often each group (or
+    'OOD', the out-of-distribution share) was named."""
     cfg = DriftConfig()
     floors = {
         "properties": cfg.min_statistic,
@@ -292,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
             [int("/Parasitized/" in n) for n, s in zip(names, splits, strict=True) if s == "test"]
         )
         table_of = lambda imgs: model_table(watched, reference, imgs)  # noqa: E731
-        rate_of = check_rate
         n_ref = reference["n"]
         ref_desc = f"the model's train sample + val ({n_ref} cells)"
         test_patients = {p for p, s in zip(patients, splits, strict=True) if s == "test"}
@@ -305,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_idx = [i for i, p in enumerate(patients) if p in ref_patients]
         unseen = [images[i] for i, p in enumerate(patients) if p not in ref_patients]
         reference = reference_from_table(properties_table(images[i] for i in ref_idx))
-        table_of, rate_of = properties_table, flag_rate
+        table_of = properties_table
         ref_desc = f"{len(ref_idx)} cells of {len(ref_patients)} patients"
         unseen_desc = f"{len(unique) - len(ref_patients)} patients"
     print(
@@ -333,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, table in tables.items():
         rates, named = [], {}
         for size in SIZES:
-            rate, counts = rate_of(reference, table, size, args.windows, rng)
+            rate, counts = check_rate(reference, table, size, args.windows, rng)
             rates.append(rate)
             for key, count in counts.items():
                 named[key] = named.get(key, 0) + count

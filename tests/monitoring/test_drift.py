@@ -11,10 +11,10 @@ from PIL import Image, ImageFilter
 
 from medimg.data.properties import properties_table
 from medimg.monitoring.drift import (
+    check_window,
     out_of_distribution,
     property_drift,
     reference_cdf,
-    window_drift,
 )
 from medimg.monitoring.reference import build_reference
 
@@ -58,17 +58,18 @@ def test_reference_cdf_is_a_cdf(reference: dict) -> None:
 
 def test_clean_window_is_not_flagged(reference: dict) -> None:
     for seed in (1, 2, 3):
-        result = window_drift(reference, properties_table(cells(100, seed=seed)))
-        assert not result["drifted"], result["drifted_properties"]
-        assert result["ood_share"] <= 0.05
+        result = check_window(reference, properties_table(cells(100, seed=seed)))
+        assert not result["drifted"], result["reasons"]
+        assert result["ood"]["share"] <= 0.05
 
 
 def test_darker_window_is_flagged_as_brightness(reference: dict) -> None:
     dark = [(c * 0.7).astype(np.uint8) for c in cells(100, seed=4)]
-    result = window_drift(reference, properties_table(dark))
+    result = check_window(reference, properties_table(dark))
     assert result["drifted"]
-    assert "brightness" in result["drifted_properties"]
-    assert "saturation" not in result["drifted_properties"]  # scaling keeps hue/saturation
+    drifted = {n for n, r in result["groups"]["properties"].items() if r["drifted"]}
+    assert "brightness" in drifted
+    assert "saturation" not in drifted  # scaling keeps hue/saturation
 
 
 def test_blurred_window_is_flagged_as_sharpness(reference: dict) -> None:
@@ -95,10 +96,10 @@ def test_grayscale_oct_like_image_is_out_of_distribution(reference: dict) -> Non
 
 def test_window_of_oct_like_images_is_flagged_by_ood_share(reference: dict) -> None:
     grey = [np.asarray(Image.fromarray(c).convert("L")) for c in cells(30, seed=8)]
-    result = window_drift(reference, properties_table(grey + cells(70, seed=9)))
-    assert result["ood_flagged"] and result["drifted"]
-    assert result["ood_share"] == pytest.approx(0.3)
-    assert "saturation" in result["ood_properties"]
+    result = check_window(reference, properties_table(grey + cells(70, seed=9)))
+    assert result["ood"]["flagged"] and result["drifted"]
+    assert result["ood"]["share"] == pytest.approx(0.3)
+    assert "saturation" in result["ood"]["properties"]
 
 
 def test_sampling_noise_is_added_to_min_statistic(reference: dict) -> None:

@@ -70,17 +70,18 @@ def run(params: Params, args: argparse.Namespace) -> int:
     tracking.configure(params.mlflow, params.dataset.name)
     name, version = resolve(args.model, params.register_cfg.registered_name(params.dataset.name))
     model = tracked.version_model(name, version)
-    alias = args.model if args.model.isidentifier() else None
+    alias = _alias(args.model)
     window = _read(folder, model["model_id"], args, params.monitoring.window)
     if args.action == "export":
         return export(window, folder, Path(args.out or "monitor-export"), name, version)
     reference = _reference(args.reference, name, version)
-    summary = check(window, reference, params, folder)
+    columns = numeric_columns(window)
+    summary = check(window, columns, reference, params, folder)
     summary["model"] = {"name": name, "version": version, "alias": alias, **model}
     summary["window"] |= {"selector": _selector(args, params.monitoring.window)}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or Path(params.paths.reports) / "monitor" / f"{name}-v{version}-{stamp}")
-    write_report(out, summary, reference, window)
+    write_report(out, summary, reference, columns)
     verdict = "drift" if summary["drifted"] else "ok"
     if not args.no_mlflow:
         from medimg.monitoring.drift import drift_metrics
@@ -93,7 +94,10 @@ def run(params: Params, args: argparse.Namespace) -> int:
             version,
             alias=alias,
             metrics=drift_metrics(summary) | health,
-            params={"window": summary["window"]["selector"], **_flat(summary["thresholds"])},
+            params={
+                "window": summary["window"]["selector"],
+                **tracking.flatten(summary["thresholds"]),
+            },
             files=[out / "summary.json", out / "report.html"],
             verdict=verdict,
         )
@@ -102,18 +106,14 @@ def run(params: Params, args: argparse.Namespace) -> int:
     return DRIFT_EXIT if summary["drifted"] else 0
 
 
+def _alias(spec: str) -> str | None:
+    """The alias a `--model` spec names (NAME@ALIAS or a bare alias), else None."""
+    ref = spec.split("@", 1)[1] if "@" in spec else spec
+    return None if "/" in ref or ref.isdigit() else ref
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _selector(args: argparse.Namespace, default: int) -> str:
@@ -160,7 +160,11 @@ def _reference(path: str | None, name: str, version: str) -> dict[str, Any]:
 
 
 def check(
-    window: Any, reference: dict[str, Any], params: Params, folder: str | Path
+    window: Any,
+    columns: dict[str, np.ndarray],
+    reference: dict[str, Any],
+    params: Params,
+    folder: str | Path,
 ) -> dict[str, Any]:
     """The window's verdict (`check_window` with params' thresholds) plus its time span and
     the request log's health counters."""
@@ -168,7 +172,6 @@ def check(
     from medimg.monitoring.log_store import log_health
 
     cfg = params.monitoring.drift
-    columns = {c: window[c].to_numpy(dtype=np.float64) for c in window if _numeric(window[c])}
     summary = check_window(
         reference,
         columns,
@@ -190,19 +193,24 @@ def check(
     return summary
 
 
-def _numeric(column: Any) -> bool:
+def numeric_columns(window: Any) -> dict[str, np.ndarray]:
+    """The window's numeric columns as float arrays: what the test and the plots read."""
     import pandas as pd
 
-    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+    types = pd.api.types
+    return {
+        c: window[c].to_numpy(dtype=np.float64)
+        for c in window
+        if types.is_numeric_dtype(window[c]) and not types.is_bool_dtype(window[c])
+    }
 
 
 def write_report(
-    out: Path, summary: dict[str, Any], reference: dict[str, Any], window: Any
+    out: Path, summary: dict[str, Any], reference: dict[str, Any], columns: dict[str, np.ndarray]
 ) -> None:
     """summary.json and report.html into `out`, written together (atomic folder)."""
     from medimg.monitoring.report import render_html
 
-    columns = {c: window[c].to_numpy(dtype=np.float64) for c in window if _numeric(window[c])}
     with atomic_dir(out) as tmp:
         write_json(tmp / "summary.json", summary)
         write_text(tmp / "report.html", render_html(summary, reference, columns))

@@ -161,34 +161,6 @@ def out_of_distribution(
     return flags, reasons
 
 
-def window_drift(
-    reference: Mapping[str, Any],
-    window_props: Mapping[str, np.ndarray],
-    *,
-    alpha: float = ALPHA,
-    min_statistic: float = MIN_STATISTIC,
-    tolerance: float = OOD_TOLERANCE,
-    max_ood_share: float = MAX_OOD_SHARE,
-) -> dict[str, Any]:
-    """One window's verdict: `drifted` when any property drifted or the share of
-    out-of-distribution requests exceeds `max_ood_share`; with the drifted properties'
-    names, the OOD share and the per-property detail (JSON-serialisable)."""
-    per_property = property_drift(reference, window_props, alpha=alpha, min_statistic=min_statistic)
-    flags, reasons = out_of_distribution(reference, window_props, tolerance=tolerance)
-    ood_share = float(flags.mean()) if flags.size else 0.0
-    drifted_props = [name for name, r in per_property.items() if r["drifted"]]
-    ood_props = sorted({name for r in reasons for name in r})
-    return {
-        "n": int(flags.size),
-        "drifted": bool(drifted_props) or ood_share > max_ood_share,
-        "drifted_properties": drifted_props,
-        "ood_share": ood_share,
-        "ood_flagged": ood_share > max_ood_share,
-        "ood_properties": ood_props,
-        "properties": per_property,
-    }
-
-
 # ------------------------------------------------------------------------- a served window
 
 GROUPS = ("properties", "embedding", "predictions")
@@ -196,8 +168,10 @@ MAX_LISTED_OOD = 200  # out-of-distribution requests listed one by one in the su
 
 
 def reference_group(reference: Mapping[str, Any], group: str) -> Mapping[str, Any] | None:
-    """The reference of one group: the top level for image properties, else its sub-dict."""
-    return reference if group == "properties" else reference.get(group)
+    """The reference of one group: the top level for image properties, else its sub-dict of
+    the same shape; None when the reference has no such group."""
+    ref = reference if group == "properties" else reference.get(group)
+    return ref if isinstance(ref, Mapping) and isinstance(ref.get("properties"), Mapping) else None
 
 
 def check_window(

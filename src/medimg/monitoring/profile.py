@@ -47,7 +47,7 @@ def measure_split(
     in read order; `indices` keeps only those positions (filtered before decoding)."""
     import tensorflow as tf
 
-    from medimg.data.shards import FEATURES, require_split, shard_files
+    from medimg.data.shards import FEATURES, decode, require_split, shard_files
 
     require_split(split_dir, split)
     ds = tf.data.TFRecordDataset(shard_files(split_dir, split))
@@ -58,10 +58,7 @@ def measure_split(
 
     def parse(record: Any) -> dict[str, Any]:
         raw = tf.io.parse_single_example(record, FEATURES)["image"]
-        img = tf.io.decode_image(raw, channels=3, expand_animations=False)
-        img = tf.image.resize(img, (size, size), antialias=True)
-        img = tf.round(tf.clip_by_value(img, 0.0, 255.0))  # as shards.decode and serving round
-        return {"raw": raw, "image": img}
+        return {"raw": raw, "image": decode(record, size)["image"]}  # as training sees it
 
     table: dict[str, list[float]] = {name: [] for name in PROPERTIES}
     features: list[np.ndarray] = []

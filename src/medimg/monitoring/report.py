@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from medimg.monitoring.drift import reference_cdf
+from medimg.monitoring.drift import GROUPS, reference_cdf, reference_group
 
-GROUPS = ("properties", "embedding", "predictions")
 DPI = 80  # small PNGs: a 10 + 8 + 2 plot page stays well under 1 MB
 BINS = 30
 TABLE_HEAD = ("name", "KS statistic", "threshold", "p-value", "window mean", "ref. mean", "drifted")
@@ -68,13 +67,6 @@ def _fmt(value: Any, spec: str) -> str:
         return _e(format(float(value), spec))
     except (TypeError, ValueError):
         return "&ndash;" if value is None else _e(value)
-
-
-def _reference_group(reference: Mapping[str, Any], group: str) -> Mapping[str, Any] | None:
-    """The image-property reference is the top level; the other groups are nested dicts of
-    the same shape."""
-    ref = reference if group == "properties" else reference.get(group)
-    return ref if isinstance(ref, Mapping) and isinstance(ref.get("properties"), Mapping) else None
 
 
 def _bin_edges(window: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
@@ -285,7 +277,7 @@ def _figures(
     out = []
     results = summary.get("groups") or {}
     for group in GROUPS:
-        ref = _reference_group(reference, group)
+        ref = reference_group(reference, group)
         if ref is None:
             continue
         plots = []
